@@ -1,0 +1,52 @@
+"""Typed errors. Every error that concerns a file names it and says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class OmnisegError(Exception):
+    """Base class of every error omniseg raises on purpose."""
+
+
+class InputError(OmnisegError):
+    """An input (image, annotation, dataset) cannot be used.
+
+    Attributes:
+        source: the file path, URL or a short description of the in-memory input.
+        reason: why it cannot be used, in plain words.
+    """
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class ImageReadError(InputError):
+    """The file is missing, empty, truncated, corrupt, or not an image."""
+
+
+class ImageTooLargeError(InputError):
+    """The image has more pixels than the configured limit."""
+
+
+class UnsupportedImageError(InputError):
+    """The image decodes, but its mode or shape is one omniseg cannot convert to RGB."""
+
+
+class CheckpointError(OmnisegError):
+    """A model directory is missing files, or its weights do not fit the architecture."""
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class ModelNotFoundError(CheckpointError):
+    """Neither a local directory nor a reachable (or cached) hub repository."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The checkpoint's architecture (``model_type``) is not one omniseg implements."""

@@ -1,0 +1,1 @@
+"""File input and output: images in, results out, always atomically."""

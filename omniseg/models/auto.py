@@ -1,0 +1,67 @@
+"""Load any supported checkpoint by the ``model_type`` in its ``config.json``."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from omniseg.errors import CheckpointError, UnsupportedModelError
+from omniseg.hub import resolve_model_dir
+from omniseg.models.base import PretrainedModel
+from omniseg.models.config import CONFIG_NAME, read_json
+from omniseg.processing.base import ImageProcessor
+
+# model_type -> (module, model class, processor module, processor class).
+# Imported lazily so that ``import omniseg`` stays fast.
+ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
+    "mask2former": (
+        "omniseg.models.mask2former",
+        "Mask2FormerForUniversalSegmentation",
+        "omniseg.processing.mask2former",
+        "Mask2FormerImageProcessor",
+    ),
+    "segformer": (
+        "omniseg.models.segformer",
+        "SegformerForSemanticSegmentation",
+        "omniseg.processing.segformer",
+        "SegformerImageProcessor",
+    ),
+}
+
+
+def model_type_of(directory: Path) -> str:
+    config = read_json(directory / CONFIG_NAME)
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModelError(
+            directory / CONFIG_NAME,
+            f"model_type {model_type!r} is not supported (supported: {supported})",
+        )
+    return model_type
+
+
+def model_class(model_type: str) -> type[PretrainedModel]:
+    module, name, _, _ = ARCHITECTURES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def processor_class(model_type: str) -> type[ImageProcessor]:
+    _, _, module, name = ARCHITECTURES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> PretrainedModel:
+    """Load a checkpoint directory or hub id as a ``torch.nn.Module`` in eval mode."""
+    directory = resolve_model_dir(name_or_path)
+    return model_class(model_type_of(directory)).from_pretrained(directory, device=device)
+
+
+def load_processor(name_or_path: str | Path) -> ImageProcessor:
+    """Load the image processor that goes with a checkpoint directory or hub id."""
+    directory = resolve_model_dir(name_or_path)
+    if not (directory / "preprocessor_config.json").is_file():
+        raise CheckpointError(directory, "no preprocessor_config.json in the model directory")
+    return processor_class(model_type_of(directory)).from_pretrained(directory)

@@ -1,0 +1,52 @@
+"""The one way to build, load and save a model: from a config, in the hub layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from omniseg.hub import resolve_model_dir
+from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict
+from omniseg.models.config import CONFIG_NAME, ModelConfig
+
+
+class PretrainedModel(nn.Module):
+    """Base of omniseg's top-level models.
+
+    Subclasses set ``config_class`` and ``architecture`` (the reference implementation's
+    class name, written to ``config.json`` so the reference can load what omniseg saves),
+    and build their layers from ``config`` in ``__init__``.
+    """
+
+    config_class: ClassVar[type[ModelConfig]]
+    architecture: ClassVar[str]
+    # Checkpoint tensors the reference stores but omniseg derives (e.g. index buffers).
+    ignore_on_load: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, device: str | torch.device = "cpu"
+    ) -> "PretrainedModel":
+        """Build the model from ``config.json`` and load its weights strictly; eval mode."""
+        directory = resolve_model_dir(name_or_path)
+        config = cls.config_class.from_json_file(directory / CONFIG_NAME)
+        model = cls(config)
+        state = read_state_dict(directory)
+        ignored = [name for name in state if any(name.endswith(s) for s in cls.ignore_on_load)]
+        load_state_dict_strict(model, state, source=directory, ignore_unexpected=ignored)
+        return model.to(device).eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.extra["architectures"] = [self.architecture]
+        self.config.save(directory)
+        save_state_dict(self, directory)

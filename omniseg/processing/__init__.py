@@ -1,0 +1,1 @@
+"""Image processors: images to model inputs, model outputs to segments."""

@@ -1,0 +1,54 @@
+"""Shared behaviour of image processors: plain-data settings in ``preprocessor_config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from omniseg.hub import resolve_model_dir
+from omniseg.io.atomic import atomic_write_text
+from omniseg.models.config import read_json
+
+PROCESSOR_NAME = "preprocessor_config.json"
+
+ProcessorT = TypeVar("ProcessorT", bound="ImageProcessor")
+
+
+@dataclasses.dataclass
+class ImageProcessor:
+    """Base of image processors. Subclasses are dataclasses whose fields are settings.
+
+    Keys of ``preprocessor_config.json`` that a processor does not read are kept in ``extra``
+    and written back, so a saved processor loads in the reference implementation too.
+    """
+
+    processor_type: ClassVar[str] = ""
+
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls: type[ProcessorT], data: dict[str, Any]) -> ProcessorT:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                data[f.name] = getattr(self, f.name)
+        data["image_processor_type"] = self.processor_type
+        return data
+
+    @classmethod
+    def from_pretrained(cls: type[ProcessorT], name_or_path: str | Path) -> ProcessorT:
+        directory = resolve_model_dir(name_or_path)
+        return cls.from_dict(read_json(directory / PROCESSOR_NAME))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        path = Path(directory) / PROCESSOR_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

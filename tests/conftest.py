@@ -1,0 +1,46 @@
+"""Shared fixtures: the real CamVid data beside the repository, and small real photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OMNISEG_SHARED", REPO.parent / "shared"))
+CAMVID = SHARED / "datasets" / "camvid"
+
+
+@pytest.fixture(scope="session")
+def camvid_dir() -> Path:
+    if not (CAMVID / "id2label.json").is_file():
+        pytest.skip(f"CamVid not found at {CAMVID} (set OMNISEG_SHARED)")
+    return CAMVID
+
+
+@pytest.fixture(scope="session")
+def street_photo_path(camvid_dir: Path) -> Path:
+    """A real 480x360 street photo (the first CamVid val frame)."""
+    return sorted((camvid_dir / "images" / "val").glob("*.png"))[0]
+
+
+@pytest.fixture(scope="session")
+def street_photo(street_photo_path: Path) -> Image.Image:
+    return Image.open(street_photo_path).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def small_street_photos(camvid_dir: Path) -> list[Image.Image]:
+    """Two real photos cropped to different odd sizes, so padding and pixel_mask matter."""
+    paths = sorted((camvid_dir / "images" / "val").glob("*.png"))[:2]
+    first = Image.open(paths[0]).convert("RGB").crop((17, 9, 17 + 147, 9 + 101))
+    second = Image.open(paths[1]).convert("RGB").crop((40, 30, 40 + 121, 30 + 133))
+    return [first, second]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
