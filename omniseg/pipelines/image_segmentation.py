@@ -1,0 +1,232 @@
+"""The ``image-segmentation`` pipeline: images in, a list of {score, label, mask} per image out.
+
+Behaviour follows the reference pipeline: each image is processed at its own size (so an
+image's answer never depends on what else is in the batch), ``subtask=None`` resolves to
+panoptic, then instance, then semantic by what the model supports, semantic results have
+``score: None``, and masks are mode "L" PIL images (0 or 255) at the input image's size.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from omniseg.io.images import DEFAULT_MAX_PIXELS, load_image
+from omniseg.models.auto import load_model, load_processor
+
+SUBTASKS = ("panoptic", "instance", "semantic")
+_POSTPROCESSORS = {
+    "panoptic": "post_process_panoptic_segmentation",
+    "instance": "post_process_instance_segmentation",
+    "semantic": "post_process_semantic_segmentation",
+}
+
+ImageInput = Any  # path, URL, PIL image or HxWxC uint8 array
+
+
+@dataclass
+class Segmentation:
+    """One image's answer before it is turned into PIL masks.
+
+    Attributes:
+        subtask: the subtask that produced it.
+        label_map: ``[H, W]`` int64 tensor at the image's size. For panoptic and instance
+            results, the segment id of each pixel (``0`` for none); for semantic results,
+            the class id of each pixel.
+        segments: per segment ``{"id", "label_id", "score"}`` (score ``None`` for semantic).
+    """
+
+    subtask: str
+    label_map: torch.Tensor
+    segments: list[dict[str, Any]]
+
+
+class ImageSegmentationPipeline:
+    """Semantic, instance and panoptic segmentation with one model and its image processor."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        processor: Any,
+        device: str | torch.device = "cpu",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        batch_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+        self._model_inputs = set(inspect.signature(model.forward).parameters)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> "ImageSegmentationPipeline":
+        return cls(
+            model=load_model(name_or_path, device=device),
+            processor=load_processor(name_or_path),
+            device=device,
+            **kwargs,
+        )
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.model.config.id2label
+
+    def supported_subtasks(self) -> list[str]:
+        return [task for task in SUBTASKS if hasattr(self.processor, _POSTPROCESSORS[task])]
+
+    def resolve_subtask(self, subtask: str | None) -> str:
+        """The subtask that ``subtask`` means for this model (``None``: the first supported)."""
+        supported = self.supported_subtasks()
+        if subtask is None:
+            return supported[0]
+        if subtask not in SUBTASKS:
+            raise ValueError(f"unknown subtask {subtask!r}; choose one of {', '.join(SUBTASKS)}")
+        if subtask not in supported:
+            raise ValueError(
+                f"subtask {subtask!r} is not supported by {type(self.model).__name__} "
+                f"(supported: {', '.join(supported)})"
+            )
+        return subtask
+
+    def __call__(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        *,
+        subtask: str | None = None,
+        threshold: float = 0.9,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.5,
+        batch_size: int | None = None,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Segment one image (returns a list of segments) or a list of images (a list of lists).
+
+        Args:
+            inputs: a local path, an http(s) URL, a PIL image, an ``HxWxC`` uint8 array, or a
+                list of them.
+            subtask: ``"panoptic"``, ``"instance"``, ``"semantic"`` or ``None`` (resolved by
+                what the model supports, in that order).
+            threshold: minimum class probability of a kept segment (instance, panoptic).
+            mask_threshold: mask probability above which a pixel belongs to a mask.
+            overlap_mask_area_threshold: minimum fraction of a query's mask that must remain
+                after overlaps are resolved for the segment to be kept.
+            batch_size: images per forward pass (default: the pipeline's ``batch_size``).
+        """
+        single = not isinstance(inputs, (list, tuple))
+        images = [inputs] if single else list(inputs)
+        segmentations = self.predict(
+            [load_image(image, max_pixels=self.max_pixels) for image in images],
+            subtask=subtask,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            batch_size=batch_size,
+        )
+        results = [self.to_annotations(segmentation) for segmentation in segmentations]
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        subtask: str | None = None,
+        threshold: float = 0.9,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.5,
+        batch_size: int | None = None,
+    ) -> list[Segmentation]:
+        """Segment RGB PIL images; the answer per image as a label map and segment records."""
+        subtask = self.resolve_subtask(subtask)
+        batch_size = batch_size or self.batch_size
+        results: list[Segmentation | None] = [None] * len(images)
+        for indices, inputs in self._batches(images, batch_size):
+            outputs = self.model(**inputs)
+            target_sizes = [(images[i].height, images[i].width) for i in indices]
+            postprocess = getattr(self.processor, _POSTPROCESSORS[subtask])
+            if subtask == "semantic":
+                maps = postprocess(outputs, target_sizes=target_sizes)
+                for i, label_map in zip(indices, maps):
+                    results[i] = _semantic_segmentation(label_map)
+            else:
+                answers = postprocess(
+                    outputs,
+                    threshold=threshold,
+                    mask_threshold=mask_threshold,
+                    overlap_mask_area_threshold=overlap_mask_area_threshold,
+                    target_sizes=target_sizes,
+                )
+                for i, answer in zip(indices, answers):
+                    results[i] = Segmentation(
+                        subtask=subtask,
+                        label_map=answer["segmentation"].cpu(),
+                        segments=[
+                            {"id": s["id"], "label_id": s["label_id"], "score": s["score"]}
+                            for s in answer["segments_info"]
+                        ],
+                    )
+        return results  # type: ignore[return-value]
+
+    def to_annotations(self, segmentation: Segmentation) -> list[dict[str, Any]]:
+        """The pipeline's public form: ``[{"score", "label", "mask"}]`` with PIL "L" masks."""
+        label_map = segmentation.label_map.numpy()
+        key = "label_id" if segmentation.subtask == "semantic" else "id"
+        return [
+            {
+                "score": segment["score"],
+                "label": self.id2label[segment["label_id"]],
+                "mask": Image.fromarray(
+                    np.where(label_map == segment[key], 255, 0).astype(np.uint8), mode="L"
+                ),
+            }
+            for segment in segmentation.segments
+        ]
+
+    def _batches(self, images: Sequence[Image.Image], batch_size: int):
+        """Yield ``(indices, model inputs)``, batching only images of equal processed shape.
+
+        Each image is preprocessed alone, as the reference does, so padding inside a batch
+        never changes an image's answer; images whose inputs have the same shape are then
+        stacked, up to ``batch_size`` at a time.
+        """
+        pending: dict[tuple[int, ...], list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        for index, image in enumerate(images):
+            encoded = self.processor(images=[image], return_tensors="pt")
+            inputs = {k: v for k, v in encoded.items() if k in self._model_inputs}
+            shape = tuple(inputs["pixel_values"].shape)
+            group = pending.setdefault(shape, [])
+            group.append((index, inputs))
+            if len(group) == batch_size:
+                yield self._stack(pending.pop(shape))
+        for group in pending.values():
+            yield self._stack(group)
+
+    def _stack(self, group: list[tuple[int, dict[str, torch.Tensor]]]):
+        indices = [index for index, _ in group]
+        names = group[0][1].keys()
+        inputs = {
+            name: torch.cat([item[name] for _, item in group]).to(self.device) for name in names
+        }
+        return indices, inputs
+
+
+def _semantic_segmentation(label_map: torch.Tensor) -> Segmentation:
+    label_map = label_map.cpu()
+    return Segmentation(
+        subtask="semantic",
+        label_map=label_map,
+        segments=[
+            {"id": int(label), "label_id": int(label), "score": None}
+            for label in torch.unique(label_map).tolist()
+        ],
+    )
