@@ -1,0 +1,177 @@
+"""omniseg vs the reference implementation on the same Mask2Former weights and photo.
+
+Builds the published Swin-T COCO-panoptic architecture (embed 96, depths 2-2-6-2, 133
+classes, 100 queries) with random weights, saves it once, loads it in both libraries and
+times, interleaved in one process: preprocessing, forward, each post-processing path,
+the whole pipeline, and batch throughput. Peak memory is the rise of the process's peak
+RSS over one pipeline call (Linux: /proc/self/clear_refs resets the peak).
+
+    python benchmarks/bench_pipeline.py [--repeats 7] [--threshold 0] [--quick]
+
+Needs the test extra (``transformers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID_FRAME = REPO.parent / "shared" / "datasets" / "camvid" / "images" / "val" / "0016E5_07959.png"
+
+
+def build_checkpoint(directory: Path, *, quick: bool) -> None:
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import Mask2FormerImageProcessor
+
+    backbone = SwinConfig(
+        embed_dim=96,
+        depths=[2, 2, 2, 2] if quick else [2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        num_queries=100,
+        id2label={i: f"class_{i}" for i in range(133)},
+    )
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    with torch.no_grad():  # random init leaves the class head near-uniform; spread it out
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(directory)
+    Mask2FormerImageProcessor(
+        size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32
+    ).save_pretrained(directory)
+
+
+def photo() -> Image.Image:
+    if CAMVID_FRAME.is_file():
+        return Image.open(CAMVID_FRAME).convert("RGB").resize((640, 480), Image.BILINEAR)
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+
+
+def interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median seconds per function, running them in turn so machine noise hits both."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_rss_rise_mb(fn) -> float:
+    def read(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+        raise RuntimeError(field)
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = read("VmRSS:")
+    fn()
+    return (read("VmHWM:") - before) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threshold", type=float, default=0.0)
+    parser.add_argument("--quick", action="store_true", help="shallower backbone, for a smoke run")
+    parser.add_argument("--batches", default="1,4,8")
+    args = parser.parse_args()
+
+    import transformers
+
+    import omniseg
+
+    torch.manual_seed(0)
+    image = photo()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        build_checkpoint(directory, quick=args.quick)
+        ours = omniseg.pipeline("image-segmentation", model=directory)
+        ref = transformers.pipeline("image-segmentation", model=str(directory), device="cpu")
+
+        # Same answers first: a speed-up that changes the answer does not count.
+        kwargs = dict(subtask="panoptic", threshold=args.threshold)
+        a, b = ours(image, **kwargs), ref(image, **kwargs)
+        same = [x["label"] for x in a] == [y["label"] for y in b] and all(
+            np.array_equal(np.asarray(x["mask"]), np.asarray(y["mask"])) for x, y in zip(a, b)
+        )
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+        print(f"photo 640x480, panoptic threshold {args.threshold}: {len(a)} segments, identical to reference: {same}")
+
+        ref_inputs = ref.image_processor(images=[image], return_tensors="pt")
+        our_inputs = ours.processor(images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            ref_out = ref.model(**ref_inputs)
+            our_out = ours.model(**our_inputs)
+        target = [(image.height, image.width)]
+        rows = []
+
+        def stage(name, ours_fn, ref_fn):
+            t = interleaved({"omniseg": ours_fn, "reference": ref_fn}, args.repeats)
+            rows.append((name, t["omniseg"], t["reference"]))
+
+        stage("preprocess", lambda: ours.processor(images=[image], return_tensors="pt"),
+              lambda: ref.image_processor(images=[image], return_tensors="pt"))
+
+        def forward(model, inputs):
+            with torch.inference_mode():
+                model(**inputs)
+
+        stage("forward", lambda: forward(ours.model, our_inputs), lambda: forward(ref.model, ref_inputs))
+        for name in ("panoptic", "instance"):
+            fn = f"post_process_{name}_segmentation"
+            stage(
+                f"post-process {name}",
+                lambda fn=fn: getattr(ours.processor, fn)(our_out, threshold=args.threshold, target_sizes=target),
+                lambda fn=fn: getattr(ref.image_processor, fn)(ref_out, threshold=args.threshold, target_sizes=target),
+            )
+        stage("post-process semantic",
+              lambda: ours.processor.post_process_semantic_segmentation(our_out, target_sizes=target),
+              lambda: ref.image_processor.post_process_semantic_segmentation(ref_out, target_sizes=target))
+        stage("pipeline (panoptic)", lambda: ours(image, **kwargs), lambda: ref(image, **kwargs))
+
+        print(f"\n| stage | omniseg (s) | reference (s) | reference / omniseg |")
+        print("|---|---|---|---|")
+        for name, o, r in rows:
+            print(f"| {name} | {o:.3f} | {r:.3f} | {r / o:.2f}x |")
+
+        print("\n| batch | omniseg images/s | reference images/s | ratio |")
+        print("|---|---|---|---|")
+        for size in [int(s) for s in args.batches.split(",")]:
+            images = [image] * size
+            t = interleaved(
+                {
+                    "omniseg": lambda: ours(images, batch_size=size, **kwargs),
+                    "reference": lambda: ref(images, batch_size=size, **kwargs),
+                },
+                max(2, args.repeats // 3),
+            )
+            print(f"| {size} | {size / t['omniseg']:.2f} | {size / t['reference']:.2f} | {t['reference'] / t['omniseg']:.2f}x |")
+
+        ours_mb = peak_rss_rise_mb(lambda: ours(image, **kwargs))
+        ref_mb = peak_rss_rise_mb(lambda: ref(image, **kwargs))
+        print(f"\npeak RSS rise over one pipeline call: omniseg {ours_mb:.0f} MB, reference {ref_mb:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

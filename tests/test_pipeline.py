@@ -1,0 +1,105 @@
+"""The image-segmentation pipeline gives the reference pipeline's answers on a real photo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import omniseg
+from omniseg.errors import ImageReadError, ModelNotFoundError
+from reference_models import build_reference_mask2former
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_reference_mask2former(
+        tmp_path_factory.mktemp("m2f"), num_labels=6, num_queries=12, shortest_edge=96, longest_edge=160
+    )
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_model_dir: Path):
+    import transformers
+
+    ours = omniseg.pipeline("image-segmentation", model=tiny_model_dir)
+    reference = transformers.pipeline("image-segmentation", model=str(tiny_model_dir), device="cpu")
+    return ours, reference
+
+
+def assert_same_annotations(ours: list[dict], reference: list[dict]) -> None:
+    assert [r["label"] for r in ours] == [r["label"] for r in reference]
+    for a, b in zip(ours, reference):
+        if b["score"] is None:
+            assert a["score"] is None
+        else:
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["mask"].mode == "L" and a["mask"].size == b["mask"].size
+        np.testing.assert_array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+
+
+@pytest.mark.parametrize(
+    "subtask, threshold",
+    [("panoptic", 0.0), ("panoptic", 0.3), ("instance", 0.0), ("instance", 0.2), ("semantic", 0.9)],
+)
+def test_results_identical_to_reference_on_a_real_photo(pipelines, street_photo, subtask, threshold):
+    ours, reference = pipelines
+    expected = reference(street_photo, subtask=subtask, threshold=threshold)
+    got = ours(street_photo, subtask=subtask, threshold=threshold)
+    assert len(expected) > 0
+    assert_same_annotations(got, expected)
+    assert all(r["mask"].size == street_photo.size for r in got)
+
+
+def test_default_subtask_is_panoptic_for_mask2former(pipelines, street_photo):
+    ours, reference = pipelines
+    assert ours.resolve_subtask(None) == "panoptic"
+    assert_same_annotations(ours(street_photo, threshold=0.1), reference(street_photo, threshold=0.1))
+
+
+def test_batches_of_different_sizes_give_each_image_its_own_answer(pipelines, small_street_photos, street_photo):
+    ours, _ = pipelines
+    images = [small_street_photos[0], street_photo, small_street_photos[1], street_photo]
+    batched = ours(images, subtask="panoptic", threshold=0.1, batch_size=4)
+    assert isinstance(batched, list) and len(batched) == 4
+    for image, result in zip(images, batched):
+        assert_same_annotations(result, ours(image, subtask="panoptic", threshold=0.1))
+
+
+def test_accepts_paths_and_arrays(pipelines, street_photo, street_photo_path):
+    ours, _ = pipelines
+    from_pil = ours(street_photo, subtask="semantic")
+    assert_same_annotations(ours(str(street_photo_path), subtask="semantic"), from_pil)
+    assert_same_annotations(ours(street_photo_path, subtask="semantic"), from_pil)
+    assert_same_annotations(ours(np.asarray(street_photo), subtask="semantic"), from_pil)
+    assert all(r["score"] is None for r in from_pil)
+
+
+def test_semantic_masks_partition_the_image(pipelines, street_photo):
+    ours, _ = pipelines
+    masks = np.stack([np.asarray(r["mask"]) for r in ours(street_photo, subtask="semantic")])
+    assert set(np.unique(masks)) <= {0, 255}
+    np.testing.assert_array_equal((masks == 255).sum(axis=0), 1)
+
+
+def test_bad_subtask_and_bad_task(pipelines, street_photo):
+    ours, _ = pipelines
+    with pytest.raises(ValueError, match="unknown subtask 'depth'"):
+        ours(street_photo, subtask="depth")
+    with pytest.raises(ValueError, match="unknown task"):
+        omniseg.pipeline("depth-estimation", model="whatever")
+
+
+def test_bad_image_in_a_list_names_the_file(pipelines, tmp_path, street_photo):
+    ours, _ = pipelines
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        ours([street_photo, bad])
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such directory"):
+        omniseg.pipeline("image-segmentation", model=str(tmp_path / "no-model-here"))
