@@ -1,0 +1,274 @@
+"""Swin Transformer blocks, patch merging and stages.
+
+Feature maps travel between blocks channels-last, ``[B, H, W, C]``: layer norms and linear
+layers act on the last dimension, windows are cut with a view plus one copy, and no
+``[B, H*W, C]`` <-> ``[B, C, H, W]`` permutes are needed between blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniseg.models.swin.attention import Dense, WindowAttention, shift_attention_mask
+
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """The activation module for a config's ``hidden_act``."""
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unsupported hidden_act {name!r}; expected one of {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
+    """``[B, H, W, C]`` -> ``[B, num_windows, window_size**2, C]`` (windows row-major).
+
+    ``H`` and ``W`` must be multiples of ``window_size``.
+    """
+    batch, height, width, channels = features.shape
+    windows = features.view(
+        batch, height // window_size, window_size, width // window_size, window_size, channels
+    )
+    return windows.transpose(2, 3).reshape(batch, -1, window_size * window_size, channels)
+
+
+def window_merge(windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``[B, nW, ws*ws, C]`` -> ``[B, H, W, C]``."""
+    batch, _, length, channels = windows.shape
+    window_size = int(round(length**0.5))
+    grid = windows.view(
+        batch, height // window_size, width // window_size, window_size, window_size, channels
+    )
+    return grid.transpose(2, 3).reshape(batch, height, width, channels)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch per sample with probability
+    ``drop_prob`` and rescale the kept ones by ``1 / (1 - drop_prob)``. Identity in eval."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return branch
+        keep_prob = 1.0 - self.drop_prob
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+        keep = torch.floor(torch.rand(shape, dtype=branch.dtype, device=branch.device) + keep_prob)
+        return branch / keep_prob * keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def _dropout(p: float) -> nn.Module:
+    # nn.Identity when p == 0 so that training runs draw random numbers only for drop path.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class SwinBlock(nn.Module):
+    """One Swin block: (shifted-)window attention then an MLP, each pre-norm and residual.
+
+    Checkpoint names: ``layernorm_before``, ``attention.*``, ``layernorm_after``,
+    ``intermediate.dense`` (MLP in), ``output.dense`` (MLP out).
+
+    As in the reference implementation, stochastic depth applies to the attention branch
+    only; the MLP branch has plain dropout.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        window_size: int,
+        shifted: bool,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shifted = shifted
+        hidden = int(mlp_ratio * dim)
+        self.layernorm_before = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.attention = WindowAttention(
+            dim,
+            num_heads=num_heads,
+            window_size=window_size,
+            qkv_bias=qkv_bias,
+            attention_dropout=attention_dropout,
+        )
+        self.layernorm_after = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.intermediate = Dense(dim, hidden)
+        self.activation = activation(hidden_act)
+        self.output = Dense(hidden, dim)
+        self.dropout = _dropout(hidden_dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        *,
+        window_size: int,
+        shift_size: int,
+        shift_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Args:
+            features: ``[B, H, W, C]``.
+            window_size: window side for this resolution (see :func:`stage_windowing`).
+            shift_size: cyclic shift, 0 for a regular-window block.
+            shift_mask: ``[num_windows, L, L]`` from :func:`shift_attention_mask` on the
+                padded map when ``shift_size > 0``, else None.
+
+        Returns:
+            ``[B, H, W, C]``.
+        """
+        batch, height, width, channels = features.shape
+        normed = self.layernorm_before(features)
+        # Zero-pad bottom/right to whole windows *after* the norm, as the reference does:
+        # padded tokens are zero vectors that still take part in attention.
+        pad_h = (window_size - height % window_size) % window_size
+        pad_w = (window_size - width % window_size) % window_size
+        if pad_h or pad_w:
+            normed = F.pad(normed, (0, 0, 0, pad_w, 0, pad_h))
+        if shift_size:
+            normed = torch.roll(normed, shifts=(-shift_size, -shift_size), dims=(1, 2))
+        windows = window_partition(normed, window_size)
+        attended = self.attention(
+            windows, window_size=window_size, shift_mask=shift_mask if shift_size else None
+        )
+        attended = window_merge(attended, height + pad_h, width + pad_w)
+        if shift_size:
+            attended = torch.roll(attended, shifts=(shift_size, shift_size), dims=(1, 2))
+        if pad_h or pad_w:
+            attended = attended[:, :height, :width]
+        features = features + self.drop_path(self.dropout(attended))
+
+        mlp = self.output(self.activation(self.intermediate(self.layernorm_after(features))))
+        return features + self.dropout(mlp)
+
+
+class PatchMerging(nn.Module):
+    """Halve the resolution, double the channels: each 2x2 patch -> one token.
+
+    Odd sizes are zero-padded at the bottom/right first. Checkpoint names: ``norm``
+    (over ``4C``), ``reduction`` (``4C -> 2C``, no bias).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        # The reference uses LayerNorm's default eps here, not config.layer_norm_eps.
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), 2C]``."""
+        batch, height, width, channels = features.shape
+        if height % 2 or width % 2:
+            features = F.pad(features, (0, 0, 0, width % 2, 0, height % 2))
+            height, width = height + height % 2, width + width % 2
+        # Channel order of the checkpoint's reduction: (row, col) = (0,0), (1,0), (0,1), (1,1),
+        # i.e. column-parity major. One permute + copy instead of four strided slices + cat.
+        grid = features.view(batch, height // 2, 2, width // 2, 2, channels)
+        merged = grid.permute(0, 1, 3, 4, 2, 5).reshape(batch, height // 2, width // 2, 4 * channels)
+        return self.reduction(self.norm(merged))
+
+
+def stage_windowing(
+    height: int, width: int, window_size: int, *, always_partition: bool
+) -> tuple[int, int]:
+    """Window side and shift for the shifted blocks of a stage at ``height x width``.
+
+    With ``always_partition`` (what the reference backbone does, and what Mask2Former was
+    trained with) the configured window is used at every resolution, padding small maps.
+    Otherwise, as in the reference ``SwinModel``, a map no larger than the window is
+    covered by one window of side ``min(height, width)`` and not shifted.
+    """
+    if not always_partition and min(height, width) <= window_size:
+        return min(height, width), 0
+    return window_size, window_size // 2
+
+
+class SwinStage(nn.Module):
+    """``depth`` blocks alternating regular and shifted windows, then optional merging.
+
+    Checkpoint names: ``blocks.<i>.*``, ``downsample.*``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        drop_path: list[float],
+        downsample: bool,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList(
+            SwinBlock(
+                dim,
+                num_heads=num_heads,
+                window_size=window_size,
+                shifted=index % 2 == 1,
+                drop_path=drop_path[index],
+                **block_kwargs,
+            )
+            for index in range(depth)
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(
+        self, features: torch.Tensor, *, always_partition: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            features: ``[B, H, W, C]``.
+
+        Returns:
+            ``(stage_output [B, H, W, C], next_stage_input [B, ceil(H/2), ceil(W/2), 2C])``;
+            the second is the first when there is no downsampling.
+        """
+        _, height, width, _ = features.shape
+        window_size, shift_size = stage_windowing(
+            height, width, self.window_size, always_partition=always_partition
+        )
+        shift_mask = None
+        if shift_size and len(self.blocks) > 1:
+            # One mask serves every shifted block of the stage.
+            padded_h = -(-height // window_size) * window_size
+            padded_w = -(-width // window_size) * window_size
+            shift_mask = shift_attention_mask(
+                padded_h, padded_w, window_size, shift_size, device=features.device
+            )
+        for block in self.blocks:
+            features = block(
+                features,
+                window_size=window_size,
+                shift_size=shift_size if block.shifted else 0,
+                shift_mask=shift_mask if block.shifted else None,
+            )
+        if self.downsample is None:
+            return features, features
+        return features, self.downsample(features)
