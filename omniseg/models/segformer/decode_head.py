@@ -78,12 +78,13 @@ class SegformerDecodeHead(nn.Module):
         _, height, width = stages[0]
         fused = None
         for (tokens, stage_height, stage_width), weight in zip(stages, weights):
-            projected = (tokens @ weight.T).unflatten(1, (stage_height, stage_width)).permute(0, 3, 1, 2)
+            # The summed bias rides on the first stage (already at the output resolution).
+            projected = F.linear(tokens, weight, bias if fused is None else None)
+            projected = projected.unflatten(1, (stage_height, stage_width)).permute(0, 3, 1, 2)
             if (stage_height, stage_width) != (height, width):
                 projected = F.interpolate(projected, size=(height, width), mode="bilinear", align_corners=False)
-            fused = projected if fused is None else fused + projected
-        fused = fused + bias[:, None, None]
+            fused = projected if fused is None else fused.add_(projected)
         if not bn_folded:
             fused = self.batch_norm(fused)
-        hidden = self.dropout(F.relu(fused))
+        hidden = self.dropout(F.relu(fused, inplace=True))
         return self.classifier(hidden).contiguous()
