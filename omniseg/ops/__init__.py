@@ -1,0 +1,1 @@
+"""Numerical operators shared by several architectures, in pure PyTorch."""
