@@ -108,6 +108,8 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
         pixel_values: Tensor,
         pixel_mask: Tensor | None = None,
         output_auxiliary_logits: bool | None = None,
+        mask_labels: list[Tensor] | None = None,
+        class_labels: list[Tensor] | None = None,
     ) -> Mask2FormerOutput:
         """
         Args:
@@ -117,6 +119,9 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
                 as (normalised) zeros.
             output_auxiliary_logits: also return the intermediate predictions; defaults to
                 ``config.output_auxiliary_logits``.
+            mask_labels: training targets, per image ``[T_i, H, W]`` binary masks (as the
+                processor encodes them); with ``class_labels`` the output carries ``loss``.
+            class_labels: per image ``[T_i]`` class ids of ``mask_labels``.
 
         Returns:
             :class:`Mask2FormerOutput`.
@@ -125,16 +130,31 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
         states, masks = self.model(pixel_values)
         if output_auxiliary_logits is None:
             output_auxiliary_logits = bool(self.config.output_auxiliary_logits)
+        with_loss = mask_labels is not None and class_labels is not None
         auxiliary = None
-        if output_auxiliary_logits:
+        if output_auxiliary_logits or (with_loss and self.config.use_auxiliary_loss):
             auxiliary = [
                 {"masks_queries_logits": mask, "class_queries_logits": self.class_predictor(state)}
                 for state, mask in zip(states[:-1], masks[:-1])
             ]
+        class_queries_logits = self.class_predictor(states[-1])
+        loss = None
+        if with_loss:
+            # Weighted Mask2Former loss of the last layer plus every intermediate one, as
+            # the reference computes it (see criterion.py).
+            losses = self.criterion(
+                class_queries_logits,
+                masks[-1],
+                mask_labels,
+                class_labels,
+                auxiliary=auxiliary if self.config.use_auxiliary_loss else None,
+            )
+            loss = sum(losses.values())
         return Mask2FormerOutput(
-            class_queries_logits=self.class_predictor(states[-1]),
+            class_queries_logits=class_queries_logits,
             masks_queries_logits=masks[-1],
-            auxiliary_logits=auxiliary,
+            auxiliary_logits=auxiliary if output_auxiliary_logits else None,
+            loss=loss,
         )
 
     @torch.no_grad()
