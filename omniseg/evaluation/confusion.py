@@ -43,6 +43,9 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
         if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
             # torch has no arithmetic on wide unsigned types; int64 holds every label value.
             array = array.astype(np.int64)
+        if not array.flags.writeable:
+            # A view of a PIL image or a read-only buffer: torch wants memory it may write.
+            array = array.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.dtype == torch.bool:
         return tensor.to(torch.uint8)
