@@ -1,0 +1,1 @@
+"""Datasets, readers and training-time data handling (augmentation, targets, loaders)."""

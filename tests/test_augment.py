@@ -1,0 +1,150 @@
+"""Training augmentation and instance targets: image and labels stay aligned."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from omniseg.data.augment import (
+    ColorJitter,
+    TrainAugmentation,
+    hsv_to_rgb,
+    random_crop,
+    resize_pair,
+    rgb_to_hsv,
+    sample_generator,
+)
+from omniseg.data.targets import instances_from_semantic
+
+
+def _coded_pair(height: int = 37, width: int = 53, classes: int = 6):
+    """An image whose red channel encodes the label (label * 40), so alignment is checkable."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, classes, (height, width), generator=g)
+    image = torch.stack([label * 40, torch.full_like(label, 7), label * 3]).to(torch.uint8)
+    return image, label
+
+
+def test_crop_and_flip_keep_image_and_labels_aligned_and_pad_with_ignore() -> None:
+    image, label = _coded_pair()
+    aug = TrainAugmentation(crop_size=(48, 48), scale_range=None, flip_prob=0.5, color_jitter=None, ignore_index=255)
+    flipped = 0
+    for seed in range(12):
+        out_image, out_label = aug(image, label, torch.Generator().manual_seed(seed))
+        assert out_image.shape == (3, 48, 48) and out_label.shape == (48, 48)
+        valid = out_label != 255
+        # 37 rows < 48: at least 11 rows of padding, labelled ignore, black in the image.
+        assert (~valid).sum() >= 11 * 48
+        assert torch.equal(out_image[0][valid].long(), out_label[valid] * 40)
+        assert (out_image[:, ~valid] == 0).all()
+        flipped += int(torch.equal(out_label[0, :5], label[0, -5:].flip(0)))
+    assert 0 < flipped < 12
+
+
+def test_random_scale_uses_nearest_for_labels() -> None:
+    label = torch.zeros(40, 60, dtype=torch.int64)
+    label[10:30, 20:50] = 3
+    image = (label * 60).to(torch.uint8)[None].expand(3, -1, -1).contiguous()
+    aug = TrainAugmentation(crop_size=None, scale_range=(0.5, 2.0), flip_prob=0.0, color_jitter=None)
+    for seed in range(5):
+        out_image, out_label = aug(image, label, torch.Generator().manual_seed(seed))
+        assert set(out_label.unique().tolist()) <= {0, 3}
+        h, w = out_label.shape
+        assert abs(h / w - 40 / 60) < 0.05
+        # Well inside the rectangle the bilinear image agrees with the nearest label.
+        ys, xs = (out_label == 3).nonzero(as_tuple=True)
+        centre = (ys.float().mean().round().long(), xs.float().mean().round().long())
+        assert out_image[0][centre] == 180
+
+
+def test_resize_pair_is_identity_at_same_size() -> None:
+    image, label = _coded_pair()
+    out_image, out_label = resize_pair(image, label, (37, 53))
+    assert out_image is image and out_label is label
+
+
+def test_crop_is_seeded_and_random() -> None:
+    image, label = _coded_pair(64, 64)
+    a = random_crop(image, label, (16, 16), sample_generator(0, 0, 3))
+    b = random_crop(image, label, (16, 16), sample_generator(0, 0, 3))
+    c = random_crop(image, label, (16, 16), sample_generator(0, 1, 3))
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+
+
+def test_hsv_round_trip_matches_colorsys() -> None:
+    rgb = torch.rand(3, 9, 11, generator=torch.Generator().manual_seed(1))
+    hsv = rgb_to_hsv(rgb)
+    for y, x in [(0, 0), (4, 7), (8, 10)]:
+        expected = colorsys.rgb_to_hsv(*rgb[:, y, x].tolist())
+        assert np.allclose(hsv[:, y, x].tolist(), expected, atol=1e-6)
+    torch.testing.assert_close(hsv_to_rgb(hsv), rgb, atol=1e-5, rtol=0)
+
+
+def test_brightness_and_saturation_match_pillow() -> None:
+    array = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    g = torch.Generator().manual_seed(0)
+    jitter = ColorJitter(brightness=0.25, contrast=0, saturation=0, hue=0)
+    torch.randperm(4, generator=g)
+    factor = 0.75 + 0.5 * float(torch.rand((), generator=g))
+    out = jitter(image, torch.Generator().manual_seed(0)).permute(1, 2, 0).numpy().astype(int)
+    expected = np.asarray(ImageEnhance.Brightness(Image.fromarray(array)).enhance(factor)).astype(int)
+    assert np.abs(out - expected).max() <= 1
+
+
+def test_colour_jitter_changes_colours_but_not_shape() -> None:
+    image, _ = _coded_pair()
+    out = ColorJitter()(image, torch.Generator().manual_seed(3))
+    assert out.shape == image.shape and out.dtype == torch.uint8 and not torch.equal(out, image)
+
+
+def test_mismatched_sizes_raise() -> None:
+    image, label = _coded_pair()
+    with pytest.raises(ValueError, match="differ in size"):
+        TrainAugmentation()(image, label[:-1], torch.Generator())
+
+
+def test_instances_from_semantic_splits_things_by_connected_components() -> None:
+    label = np.full((8, 10), 0, dtype=np.uint8)  # 0: road (stuff)
+    label[1:3, 1:3] = 8  # car 1
+    label[5:7, 6:9] = 8  # car 2
+    label[3, 3] = 8  # touches car 1 diagonally: same instance with 8-connectivity
+    label[0, 9] = 11  # ignored
+    label[4:8, 0:2] = 5  # tree (stuff), split in space but one segment
+    label[0, 5] = 5
+    instances, mapping = instances_from_semantic(label, {8, 9}, ignore_index=11)
+    assert instances[0, 9] == 11
+    assert sorted(mapping.values()) == [0, 5, 8, 8]
+    assert 11 not in mapping
+    car_ids = [k for k, v in mapping.items() if v == 8]
+    assert len({instances[1, 1], instances[3, 3]}) == 1 and instances[1, 1] in car_ids
+    assert instances[5, 6] in car_ids and instances[5, 6] != instances[1, 1]
+    tree = [k for k, v in mapping.items() if v == 5]
+    assert instances[0, 5] == instances[7, 0] == tree[0]
+    four, four_map = instances_from_semantic(label, {8}, ignore_index=11, connectivity=4)
+    assert sum(v == 8 for v in four_map.values()) == 3
+
+
+def test_instance_ids_skip_the_ignore_value() -> None:
+    label = np.zeros((3, 40), dtype=np.int64)
+    label[1, ::2] = 1  # 20 separate "thing" pixels
+    instances, mapping = instances_from_semantic(label, {1}, ignore_index=5, connectivity=4)
+    assert 5 not in mapping and len(mapping) == 21 and 5 not in np.unique(instances)
+
+
+def test_instances_feed_the_mask2former_processor_encoding() -> None:
+    processing = pytest.importorskip("omniseg.processing.mask2former")
+    label = np.zeros((32, 32), dtype=np.int64)
+    label[2:8, 2:8] = 3
+    label[20:30, 20:30] = 3
+    label[0, :] = 255
+    instances, mapping = instances_from_semantic(label, {3}, ignore_index=255)
+    masks, classes = processing.convert_segmentation_map_to_binary_masks(
+        torch.from_numpy(instances), mapping, ignore_index=255
+    )
+    assert classes.tolist() == [0, 3, 3]
+    assert masks.sum().item() == (label != 255).sum()
