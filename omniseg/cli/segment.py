@@ -1,0 +1,335 @@
+"""``omniseg segment``: segment images and folders of images, writing results per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from omniseg.errors import InputError, ModelNotFoundError, OmnisegError
+from omniseg.io.atomic import atomic_write_text
+from omniseg.io.images import iter_image_files, load_image
+from omniseg.io.results import (
+    IMAGE_OUTPUTS,
+    coco_document,
+    output_paths,
+    read_image_results,
+    write_coco,
+    write_image_results,
+)
+
+FORMATS = ("png", "json", "coco")
+ERRORS_FILE = "errors.jsonl"
+COCO_FILE = "coco_results.json"
+TASKS = ("auto", "semantic", "instance", "panoptic")
+
+DESCRIPTION = "Segment images (files or whole folders) and write the results per image."
+EPILOG = f"""\
+outputs, per input image (folders mirrored under OUT, relative to the inputs' deepest
+common folder, so equal names in different folders never collide):
+  STEM.json          image path, size, task, model, and per segment: id, label_id, label,
+                     score (null for semantic), area, bbox [x, y, w, h], COCO RLE mask
+  STEM_labels.png    class id per pixel; 8-bit if all class ids < 255, else 16-bit;
+                     pixels no segment covers are 255 (8-bit) or 65535 (16-bit)
+  STEM_overlay.png   the image with the segments blended in, outlined, and a legend
+  Two inputs of one folder with the same stem (a.jpg, a.png) use the full name (a.jpg.json).
+
+--format (comma-separated, default png,json):
+  png    label map and overlay          json   the per-image JSON
+  coco   also OUT/{COCO_FILE}: every image's segments in one COCO-format file
+         (images, categories = the model's id2label, annotations with RLE masks, bbox,
+         area, score), loadable by pycocotools.coco.COCO; implies json, from which it
+         is rebuilt on re-runs
+
+Re-running with the same OUT skips images whose outputs all exist (the JSON is written
+last, atomically, so a finished image is never half written). A file that cannot be read
+or segmented does not stop the batch: it is listed in OUT/{ERRORS_FILE} (one JSON line
+per file: {{"file", "error", "reason"}}; rewritten by each run).
+
+exit status: 0 all images done, 1 some input failed, 2 usage error (bad arguments,
+no model, model cannot be loaded).
+"""
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One input image: the path as the user will recognise it, and its output stem."""
+
+    path: Path
+    stem: Path  # OUT/<relative folders>/<stem>, without suffix
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment images and folders, writing JSON, label maps and overlays",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
+                        help="image files, or folders to walk (recursively) for images")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="output folder (created if needed)")
+    parser.add_argument("--model", metavar="M",
+                        help="model directory or hub id (required unless a default model is bundled)")
+    parser.add_argument("--task", choices=TASKS, default="auto",
+                        help="subtask; auto = panoptic, else instance, else semantic, "
+                             "by what the model supports (default: auto)")
+    parser.add_argument("--threshold", type=_probability, metavar="F",
+                        help="minimum score of a kept segment, instance/panoptic "
+                             "(default: the pipeline's, 0.9)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                        help="images per forward pass (default: 1)")
+    parser.add_argument("--device", type=_device, default="cpu", metavar="{cpu,cuda}",
+                        help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--format", type=_formats, default=("png", "json"), metavar="png,json,coco",
+                        help="outputs to write, comma-separated (default: png,json); see below")
+    parser.set_defaults(_segment_parser=parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    formats: tuple[str, ...] = args.format if isinstance(args.format, tuple) else _formats(args.format)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _usage_error(args, f"--out {out} exists and is not a folder")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return _usage_error(args, f"--device {args.device}: CUDA is not available on this machine")
+
+    seg = _load_pipeline(args)
+    if isinstance(seg, int):
+        return seg
+    subtask = None if args.task == "auto" else args.task
+    try:
+        task = seg.resolve_subtask(subtask)
+    except ValueError as exc:
+        return _usage_error(args, f"--task {args.task}: {exc}")
+    id2label = seg.model.config.id2label
+
+    items = _collect(args.inputs, out)
+    if not items:
+        print("omniseg segment: no image files found in the inputs", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    errors_path = out / ERRORS_FILE
+    errors_path.unlink(missing_ok=True)  # it describes the latest run only
+    errors: list[dict[str, str]] = []
+
+    pending = [item for item in items if not _is_done(item, formats)]
+    skipped = len(items) - len(pending)
+    call_options: dict[str, Any] = {"subtask": subtask, "batch_size": args.batch_size}
+    if args.threshold is not None:
+        call_options["threshold"] = args.threshold
+
+    progress = tqdm(
+        total=len(items),
+        desc="segment",
+        unit="image",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        # Without a terminal (logs, CI) redraws become lines: keep them rare.
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
+    progress.update(skipped)
+
+    def fail(item: _Item, exc: BaseException) -> None:
+        reason = exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)
+        errors.append({"file": str(item.path), "error": type(exc).__name__, "reason": reason})
+        # Rewritten whole, atomically, after every failure: always a complete file.
+        atomic_write_text(errors_path, "".join(json.dumps(e) + "\n" for e in errors))
+        progress.write(f"omniseg segment: {item.path}: {type(exc).__name__}: {reason}", file=sys.stderr)
+
+    try:
+        for start in range(0, len(pending), args.batch_size):
+            batch = pending[start : start + args.batch_size]
+            loaded = []
+            for item in batch:
+                try:
+                    loaded.append((item, load_image(item.path)))
+                except InputError as exc:
+                    fail(item, exc)
+                    progress.update(1)
+            for (item, image), segments in _segment(seg, loaded, call_options, fail):
+                if segments is not None:
+                    try:
+                        write_image_results(
+                            item.stem, image, segments, id2label, source=item.path,
+                            task=task, model=args.model, formats=formats,
+                        )
+                    except (OSError, ValueError) as exc:
+                        fail(item, exc)
+                progress.update(1)
+                progress.set_postfix(failed=len(errors), skipped=skipped, refresh=False)
+    finally:
+        progress.close()
+
+    if "coco" in formats:
+        _write_coco(out, items, formats, id2label)
+    done = len(pending) - len(errors)
+    summary = f"omniseg segment: {done} segmented, {skipped} already done, {len(errors)} failed"
+    if errors:
+        summary += f" (see {errors_path})"
+    print(summary, file=sys.stderr)
+    return 1 if errors else 0
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """The pipeline, or an exit status when the model is missing or unusable."""
+    import omniseg
+
+    try:
+        return omniseg.pipeline("image-segmentation", model=args.model, device=args.device)
+    except ModelNotFoundError as exc:
+        if args.model is None:
+            return _usage_error(
+                args, "no --model given and no default model is bundled; pass --model "
+                "with a checkpoint directory or hub id"
+            )
+        return _usage_error(args, f"--model: {exc}")
+    except (OmnisegError, OSError, ValueError) as exc:
+        return _usage_error(args, f"--model {args.model}: cannot load the model: {exc}")
+
+
+def _segment(seg, loaded: list, options: dict[str, Any], fail):
+    """Yield ``((item, image), segments or None)``: a batch at once, else image by image.
+
+    If the batch call fails, each image is retried alone so that one image the model
+    cannot handle costs only that image; its error is recorded with ``fail``.
+    """
+    if not loaded:
+        return
+    try:
+        answers = seg([image for _, image in loaded], **options)
+    except Exception:  # noqa: BLE001 - isolated and recorded per image below
+        answers = None
+    if answers is not None:
+        yield from zip(loaded, answers)
+        return
+    for pair in loaded:
+        try:
+            segments = seg([pair[1]], **options)[0]
+        except Exception as exc:  # noqa: BLE001 - recorded in errors.jsonl and exit status
+            fail(pair[0], exc)
+            segments = None
+        yield pair, segments
+
+
+def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
+    """Input files in order, each with its output stem under ``out``."""
+    out_abs = Path(os.path.abspath(out))
+    output_suffixes = tuple(s for s in IMAGE_OUTPUTS.values() if s.endswith(".png"))
+    found: list[tuple[Path, Path]] = []  # (file, the folder its output path is relative to)
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            for file in iter_image_files([path]):
+                # Never take our own pictures for inputs when OUT lies inside a walked folder.
+                if Path(os.path.abspath(file)).is_relative_to(out_abs) and file.name.endswith(output_suffixes):
+                    continue
+                found.append((file, path))
+        else:
+            found.append((path, path.parent))
+
+    unique: dict[Path, tuple[Path, Path]] = {}
+    for file, root in found:
+        unique.setdefault(Path(os.path.abspath(file)), (file, root))
+    if not unique:
+        return []
+    common = Path(os.path.commonpath([os.path.abspath(root) for _, root in unique.values()]))
+    relative = {key: key.relative_to(common) for key in unique}
+
+    # Equal stems in one folder (a.jpg, a.png), or a name clashing with OUT's own files,
+    # fall back to the full file name as the stem.
+    stems: dict[Path, list[Path]] = {}
+    for key, rel in relative.items():
+        stems.setdefault(rel.with_suffix(""), []).append(key)
+    reserved = {Path(Path(COCO_FILE).stem)}
+    items = []
+    for key, (file, _) in unique.items():
+        rel = relative[key]
+        stem = rel.with_suffix("")
+        if len(stems[stem]) > 1 or stem in reserved:
+            stem = rel
+        items.append(_Item(path=file, stem=out / stem))
+    return items
+
+
+def _is_done(item: _Item, formats: Sequence[str]) -> bool:
+    return all(path.is_file() for path in output_paths(item.stem, formats).values())
+
+
+def _write_coco(out: Path, items: list[_Item], formats: Sequence[str], id2label) -> None:
+    """Gather every finished image's JSON (this run's and earlier runs') into one COCO file."""
+    documents, names = [], []
+    for item in items:
+        json_path = output_paths(item.stem, formats)["json"]
+        if json_path.is_file():
+            documents.append(read_image_results(json_path))
+            names.append(str(item.path))
+    write_coco(out / COCO_FILE, coco_document(documents, id2label, file_names=names))
+
+
+# --- argument types and usage errors --------------------------------------------------------
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    parser = getattr(args, "_segment_parser", None)
+    if parser is not None:
+        parser.print_usage(sys.stderr)
+        prog = parser.prog
+    else:
+        prog = "omniseg segment"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown format {', '.join(unknown) or repr(text)}; choose from {','.join(FORMATS)}"
+        )
+    if "coco" in names and "json" not in names:
+        names.append("json")  # the COCO file is built from the per-image JSONs
+    return tuple(dict.fromkeys(names))
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
