@@ -125,7 +125,8 @@ def test_logits_preprocessing_and_postprocessing_match(checkpoint, small_street_
     inputs = processor(small_street_photos, return_tensors="pt")
     assert inputs["pixel_values"].shape == expected_inputs["pixel_values"].shape
     assert inputs["pixel_values"].dtype == torch.float32
-    assert (inputs["pixel_values"] - expected_inputs["pixel_values"]).abs().mean() < 1e-2
+    # The reference's default processor resizes with PIL, as omniseg does for uint8 images.
+    assert (inputs["pixel_values"] - expected_inputs["pixel_values"]).abs().max() < 1e-5
 
     with torch.no_grad():
         expected = reference(pixel_values=expected_inputs["pixel_values"])
@@ -137,17 +138,12 @@ def test_logits_preprocessing_and_postprocessing_match(checkpoint, small_street_
 
     sizes = [(image.height, image.width) for image in small_street_photos]
     expected_maps = reference_proc.post_process_semantic_segmentation(expected, target_sizes=sizes)
-    # Same post-processing of the same logits; and of our model's logits on the same input.
-    for logits_source in (expected, same_input):
+    # Same post-processing of the same logits, of our logits, and fully end to end.
+    for logits_source in (expected, same_input, outputs):
         maps = processor.post_process_semantic_segmentation(logits_source, target_sizes=sizes)
         for label_map, expected_map, size in zip(maps, expected_maps, sizes):
             assert label_map.shape == size and label_map.dtype == torch.int64
             assert torch.equal(label_map, expected_map)
-    # End to end (our preprocessing too): uint8 resizes differ from PIL's by one level on a
-    # few pixels, so only near-ties may flip.
-    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
-    agreement = torch.cat([(a == b).flatten() for a, b in zip(maps, expected_maps)]).float().mean()
-    assert agreement > 0.99
     unsized = processor.post_process_semantic_segmentation(same_input)
     expected_unsized = reference_proc.post_process_semantic_segmentation(expected)
     assert all(torch.equal(a, b) for a, b in zip(unsized, expected_unsized))
