@@ -26,7 +26,9 @@ import torch
 
 # Three tiny shapes that differ in every dimension a Mask2Former implementation can get wrong:
 # Swin depths and window size (including windows larger than some feature maps), query and
-# label counts, number of decoder layers (so the level cycle wraps), attention heads.
+# label counts, number of decoder layers (so the level cycle wraps), attention heads, and
+# the processor's resize (so inputs differ in size and aspect). Each entry holds keyword
+# arguments of :func:`build_reference_mask2former`.
 TINY_MASK2FORMER_CONFIGS: dict[str, dict[str, Any]] = {
     "small": dict(
         depths=(1, 1, 1, 1),
@@ -51,6 +53,8 @@ TINY_MASK2FORMER_CONFIGS: dict[str, dict[str, Any]] = {
         encoder_layers=2,
         hidden_dim=32,
         num_attention_heads=4,
+        shortest_edge=72,
+        longest_edge=112,
     ),
     "wide": dict(
         depths=(1, 1, 2, 1),
@@ -63,6 +67,8 @@ TINY_MASK2FORMER_CONFIGS: dict[str, dict[str, Any]] = {
         encoder_layers=2,
         hidden_dim=64,
         num_attention_heads=4,
+        shortest_edge=96,
+        longest_edge=128,
     ),
 }
 

@@ -1,0 +1,235 @@
+"""omniseg's Mask2Former gives the reference implementation's logits on the same weights,
+and checkpoints move both ways in the hub layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_models import TINY_MASK2FORMER_CONFIGS, build_reference_mask2former
+from safetensors.torch import load_file, save_file
+
+from omniseg.errors import CheckpointError, UnsupportedModelError
+from omniseg.models.auto import load_model
+from omniseg.models.mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+transformers = pytest.importorskip("transformers")
+from transformers import Mask2FormerForUniversalSegmentation as ReferenceMask2Former  # noqa: E402
+from transformers.models.mask2former.image_processing_pil_mask2former import (  # noqa: E402
+    Mask2FormerImageProcessorPil,
+)
+
+TOLERANCE = 1e-4  # max abs difference / max abs value
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    assert ours.shape == reference.shape
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread (and do not fight for shared CI cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mask2former")
+    return {
+        name: build_reference_mask2former(root / name, seed=index, **kwargs)
+        for index, (name, kwargs) in enumerate(TINY_MASK2FORMER_CONFIGS.items())
+    }
+
+
+def two_images() -> list[Image.Image]:
+    """Two smooth images of different odd sizes (so the batch is padded)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for height, width in ((101, 147), (133, 121)):
+        coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+        noise = rng.integers(-20, 21, (height, width, 3))
+        images.append(Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8)))
+    return images
+
+
+def reference_inputs(directory: Path) -> dict[str, torch.Tensor]:
+    processor = Mask2FormerImageProcessorPil.from_pretrained(directory)
+    inputs = processor(two_images(), return_tensors="pt")
+    assert not inputs["pixel_mask"].bool().all(), "the batch should contain padding"
+    return {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}
+
+
+def run_both(ours, reference, inputs):
+    with torch.inference_mode():
+        return ours(**inputs, output_auxiliary_logits=True), reference(**inputs, output_auxiliary_logits=True)
+
+
+def assert_same_logits(ours_out, ref_out, tolerance: float = TOLERANCE) -> dict[str, float]:
+    errors = {
+        "class": relative_error(ours_out.class_queries_logits, ref_out.class_queries_logits),
+        "masks": relative_error(ours_out.masks_queries_logits, ref_out.masks_queries_logits),
+    }
+    assert len(ours_out.auxiliary_logits) == len(ref_out.auxiliary_logits)
+    errors["auxiliary"] = max(
+        relative_error(ours_aux[key], ref_aux[key])
+        for ours_aux, ref_aux in zip(ours_out.auxiliary_logits, ref_out.auxiliary_logits)
+        for key in ("class_queries_logits", "masks_queries_logits")
+    )
+    assert max(errors.values()) < tolerance, errors
+    return errors
+
+
+@pytest.mark.parametrize("name", list(TINY_MASK2FORMER_CONFIGS))
+def test_logits_match_reference(reference_dirs, name):
+    directory = reference_dirs[name]
+    ours = load_model(directory)
+    assert isinstance(ours, Mask2FormerForUniversalSegmentation) and not ours.training
+    reference = ReferenceMask2Former.from_pretrained(directory).eval()
+    inputs = reference_inputs(directory)
+    ours_out, ref_out = run_both(ours, reference, inputs)
+
+    config = TINY_MASK2FORMER_CONFIGS[name]
+    batch, _, height, width = inputs["pixel_values"].shape
+    queries = config["num_queries"]
+    assert ours_out.class_queries_logits.shape == (batch, queries, config["num_labels"] + 1)
+    assert ours_out.masks_queries_logits.shape == (batch, queries, height // 4, width // 4)
+    assert len(ours_out.auxiliary_logits) == config["decoder_layers"] - 1
+    # The weights are perturbed, so the outputs are far from constant: parity means something.
+    assert ours_out.masks_queries_logits.std() > 0.1
+    assert_same_logits(ours_out, ref_out)
+
+    with torch.inference_mode():
+        default = ours(inputs["pixel_values"])
+    assert default.auxiliary_logits is None and default.loss is None
+    torch.testing.assert_close(default.masks_queries_logits, ours_out.masks_queries_logits)
+
+
+def test_pre_norm_decoder_matches_reference(tmp_path):
+    directory = build_reference_mask2former(tmp_path / "pre_norm", pre_norm=True, seed=3)
+    ours = load_model(directory)
+    assert ours.config.pre_norm
+    reference = ReferenceMask2Former.from_pretrained(directory).eval()
+    assert_same_logits(*run_both(ours, reference, reference_inputs(directory)))
+
+
+def test_saved_by_omniseg_loads_in_reference(reference_dirs, tmp_path):
+    source = reference_dirs["deep"]
+    ours = load_model(source)
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "mask2former"
+    assert saved["architectures"] == ["Mask2FormerForUniversalSegmentation"]
+    assert saved["backbone_config"]["model_type"] == "swin"
+    assert saved["backbone_config"]["depths"] == list(TINY_MASK2FORMER_CONFIGS["deep"]["depths"])
+
+    reference, info = ReferenceMask2Former.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    # Only tensors the reference derives or never uses may be absent.
+    assert set(info["missing_keys"]) <= {
+        "criterion.empty_weight",
+        "model.pixel_level_module.encoder.swin.layernorm.weight",
+        "model.pixel_level_module.encoder.swin.layernorm.bias",
+    }
+    assert reference.config.to_dict()["num_queries"] == TINY_MASK2FORMER_CONFIGS["deep"]["num_queries"]
+    shutil.copy(source / "preprocessor_config.json", tmp_path)
+    assert_same_logits(*run_both(ours, reference.eval(), reference_inputs(tmp_path)))
+    # And back: omniseg reloads its own save exactly.
+    again = load_model(tmp_path)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_state_dict_keys_are_the_reference_keys(reference_dirs):
+    directory = reference_dirs["small"]
+    ours = load_model(directory)
+    saved = set(load_file(str(directory / "model.safetensors")))
+    ignored = {n for n in saved if any(n.endswith(s) for s in ours.ignore_on_load)}
+    assert set(ours.state_dict()) == saved - ignored
+    assert ignored <= {
+        "criterion.empty_weight",
+        "model.pixel_level_module.encoder.swin.layernorm.weight",
+        "model.pixel_level_module.encoder.swin.layernorm.bias",
+    }
+
+
+def _broken_copy(source: Path, target: Path, edit) -> Path:
+    shutil.copytree(source, target)
+    state = load_file(str(target / "model.safetensors"))
+    edit(state)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_strict_loading_names_bad_tensors(reference_dirs, tmp_path):
+    source = reference_dirs["small"]
+    missing = "model.transformer_module.decoder.layers.1.cross_attn.in_proj_weight"
+    misshaped = "class_predictor.weight"
+
+    def drop(state):
+        del state[missing]
+
+    def add(state):
+        state["model.transformer_module.decoder.layers.9.fc1.weight"] = torch.zeros(2, 2)
+
+    def reshape(state):
+        state[misshaped] = torch.zeros(3, state[misshaped].shape[1])
+
+    cases = [(drop, "missing", missing), (add, "unexpected", "layers.9.fc1.weight"), (reshape, "mis-shaped", misshaped)]
+    for edit, kind, name in cases:
+        directory = _broken_copy(source, tmp_path / kind, edit)
+        with pytest.raises(CheckpointError) as excinfo:
+            load_model(directory)
+        message = str(excinfo.value)
+        assert kind in message and name in message and str(directory) in message
+
+
+def test_non_swin_backbone_is_unsupported(reference_dirs, tmp_path):
+    directory = tmp_path / "resnet"
+    shutil.copytree(reference_dirs["small"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["backbone_config"] = {"model_type": "resnet", "depths": [1, 1, 1, 1]}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="resnet.*Swin") as excinfo:
+        load_model(directory)
+    assert "config.json" in str(excinfo.value)
+
+
+def test_config_round_trip_keeps_reference_keys(reference_dirs):
+    original = json.loads((reference_dirs["wide"] / "config.json").read_text())
+    config = Mask2FormerConfig.from_dict(original)
+    assert config.backbone_config.window_size == 7 and config.num_labels == 9
+    written = config.to_dict()
+    for key, value in original.items():
+        if key not in ("backbone_config", "transformers_version"):
+            assert written[key] == value, key
+    for key in ("depths", "num_heads", "embed_dim", "window_size", "out_features", "model_type"):
+        assert written["backbone_config"][key] == original["backbone_config"][key], key
+
+
+def test_trains(reference_dirs):
+    """Train mode: dropout is active and every parameter outside the backbone gets a gradient."""
+    config = Mask2FormerConfig.from_json_file(reference_dirs["small"] / "config.json")
+    config.dropout = 0.2
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(config).train()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    first = model(pixel_values, output_auxiliary_logits=True)
+    second = model(pixel_values)
+    assert not torch.equal(first.class_queries_logits, second.class_queries_logits)
+    total = first.class_queries_logits.square().mean() + first.masks_queries_logits.square().mean()
+    total = total + sum(aux["masks_queries_logits"].square().mean() for aux in first.auxiliary_logits)
+    total.backward()
+    for name, param in model.named_parameters():
+        if not name.startswith("model.pixel_level_module.encoder."):
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.pixel_level_module.encoder.parameters())
