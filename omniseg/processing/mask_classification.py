@@ -1,0 +1,309 @@
+"""Post-processing of mask-classification models (Mask2Former, MaskFormer-style heads).
+
+The model gives, per image, ``Q`` queries each with class logits ``[Q, C + 1]`` (the last class
+is "no object") and mask logits ``[Q, h, w]``. These functions turn them into semantic,
+instance and panoptic results with the reference implementation's exact semantics: masks are
+first brought to 384x384 (bilinear), then to the requested size; segment order, ids, fusing and
+the returned structures are the same.
+
+Heavy work is vectorised: only queries that can pass the thresholds are upsampled, areas and
+overlap ratios are computed for all segments at once, and the maps are painted in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# The reference scales mask logits to this size before anything else, whatever the model input size.
+REFERENCE_MASK_SIZE = (384, 384)
+
+
+def _logits(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(outputs, Mapping):
+        return outputs["class_queries_logits"], outputs["masks_queries_logits"]
+    return outputs.class_queries_logits, outputs.masks_queries_logits
+
+
+def _target_size(target_sizes: Sequence[Any] | torch.Tensor | None, index: int) -> tuple[int, int] | None:
+    if target_sizes is None:
+        return None
+    size = target_sizes[index]
+    if isinstance(size, torch.Tensor):
+        size = size.tolist()
+    return int(size[0]), int(size[1])
+
+
+def _check_target_sizes(target_sizes: Sequence[Any] | torch.Tensor | None, batch_size: int) -> None:
+    if target_sizes is not None and len(target_sizes) != batch_size:
+        raise ValueError(
+            f"got {len(target_sizes)} target sizes for a batch of {batch_size}; pass one (height, width) per image"
+        )
+
+
+def _to_reference_size(mask_logits: torch.Tensor) -> torch.Tensor:
+    """``[..., Q, h, w]`` mask logits to 384x384 (bilinear, ``align_corners=False``)."""
+    squeeze = mask_logits.ndim == 3
+    batch = mask_logits.unsqueeze(0) if squeeze else mask_logits
+    out = F.interpolate(batch, size=REFERENCE_MASK_SIZE, mode="bilinear", align_corners=False)
+    return out[0] if squeeze else out
+
+
+# --------------------------------------------------------------------------- RLE
+
+
+def binary_mask_to_rle(mask: torch.Tensor) -> list[int]:
+    """COCO-style uncompressed RLE of a binary ``[H, W]`` mask, as the reference writes it.
+
+    Returns ``[start_1, length_1, start_2, length_2, ...]`` over the row-major flattened mask,
+    where starts are 1-based positions of runs of ones.
+    """
+    pixels = torch.as_tensor(mask).flatten()
+    zero = torch.zeros(1, dtype=pixels.dtype, device=pixels.device)
+    pixels = torch.cat([zero, pixels, zero])
+    runs = torch.nonzero(pixels[1:] != pixels[:-1]).flatten() + 1
+    runs[1::2] -= runs[::2].clone()
+    return runs.tolist()
+
+
+def convert_segmentation_to_rle(segmentation: torch.Tensor) -> list[list[int]]:
+    """RLE (see :func:`binary_mask_to_rle`) of every distinct value of a ``[H, W]`` map.
+
+    The list is ordered by ascending value (the background ``-1`` first when present), exactly
+    like the reference; computed from one run decomposition of the whole map.
+    """
+    flat = segmentation.flatten()
+    if flat.numel() == 0:
+        return []
+    change = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    starts = torch.cat([change.new_zeros(1), change])
+    ends = torch.cat([change, change.new_full((1,), flat.numel())])
+    values = flat[starts]
+    order = torch.sort(values, stable=True).indices
+    pairs = torch.stack([starts[order] + 1, (ends - starts)[order]], dim=1)  # [R, 2]
+    _, counts = torch.unique_consecutive(values[order], return_counts=True)
+    return [chunk.flatten().tolist() for chunk in torch.split(pairs, counts.tolist())]
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def post_process_semantic_segmentation(
+    outputs: Any, target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per-pixel class ids from query classes and masks.
+
+    Args:
+        outputs: object with ``class_queries_logits [B, Q, C+1]`` and
+            ``masks_queries_logits [B, Q, h, w]``.
+        target_sizes: one ``(height, width)`` per image; default 384x384.
+
+    Returns:
+        ``B`` int64 tensors ``[height, width]`` of class ids: argmax over classes of
+        ``sum_q softmax(class)[q, c] * sigmoid(mask)[q]``.
+    """
+    class_logits, mask_logits = _logits(outputs)
+    batch_size = class_logits.shape[0]
+    _check_target_sizes(target_sizes, batch_size)
+    class_probs = class_logits.softmax(dim=-1)[..., :-1]
+    mask_probs = _to_reference_size(mask_logits).sigmoid()
+    scores = torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # [B, C, 384, 384]
+    if target_sizes is None:
+        return list(scores.argmax(dim=1))
+    results = []
+    for i in range(batch_size):
+        resized = F.interpolate(scores[i : i + 1], size=_target_size(target_sizes, i), mode="bilinear", align_corners=False)
+        results.append(resized[0].argmax(dim=0))
+    return results
+
+
+# --------------------------------------------------------------------------- instance
+
+
+def post_process_instance_segmentation(
+    outputs: Any,
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+    target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    return_coco_annotation: bool = False,
+    return_binary_maps: bool = False,
+) -> list[dict[str, Any]]:
+    """Instances: the top ``Q`` (query, class) pairs, scored by class probability times mask score.
+
+    A pair's mask is its query's mask logits at 384x384 binarised at 0; its mask score is the mean
+    sigmoid inside that mask. Pairs with score >= ``threshold`` and a non-empty mask (after
+    nearest resizing to the target size) become segments with ids 0, 1, ... in top-k order.
+    ``mask_threshold`` and ``overlap_mask_area_threshold`` are accepted for API compatibility and,
+    as in the reference, not used.
+
+    Args:
+        outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
+        threshold: minimum segment score.
+        target_sizes: one ``(height, width)`` per image; default 384x384.
+        return_coco_annotation: ``segmentation`` becomes the RLE list of
+            :func:`convert_segmentation_to_rle` over the id map (background ``-1`` included).
+        return_binary_maps: ``segmentation`` becomes float ``[N, H, W]`` 0/1 maps, one per segment
+            (unchanged id map when there are none).
+
+    Returns:
+        One dict per image: ``segmentation`` (float32 ``[H, W]`` map of segment ids, ``-1`` where
+        no segment; later segments overwrite earlier ones) and ``segments_info``: list of
+        ``{"id", "label_id", "was_fused": False, "score"}`` (score rounded to 6 decimals).
+    """
+    del mask_threshold, overlap_mask_area_threshold  # unused by the reference either
+    if return_coco_annotation and return_binary_maps:
+        raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
+    class_logits, mask_logits = _logits(outputs)
+    batch_size, num_queries = class_logits.shape[:2]
+    num_classes = class_logits.shape[-1] - 1
+    _check_target_sizes(target_sizes, batch_size)
+
+    results = []
+    for i in range(batch_size):
+        scores = class_logits[i].softmax(dim=-1)[:, :-1]  # [Q, C]
+        top_scores, top_index = scores.flatten(0, 1).topk(num_queries, sorted=False)
+        top_labels = top_index % num_classes
+        top_queries = torch.div(top_index, num_classes, rounding_mode="floor")
+
+        # A pair's final score is its class score times a mask score <= 1, so pairs below the
+        # threshold already are out: only the rest need their (upsampled) masks.
+        candidates = torch.nonzero(top_scores.double() >= threshold).flatten()
+        size = _target_size(target_sizes, i) or REFERENCE_MASK_SIZE
+        rows, cols = _nearest_indices(REFERENCE_MASK_SIZE, size, class_logits.device)
+        segmentation = torch.full(size, -1.0, device=class_logits.device)
+        segments: list[dict[str, Any]] = []
+        kept = torch.zeros((0, *REFERENCE_MASK_SIZE), dtype=torch.bool, device=class_logits.device)
+
+        if candidates.numel() > 0:
+            queries, pair_to_query = torch.unique(top_queries[candidates], return_inverse=True)
+            logits = _to_reference_size(mask_logits[i, queries])  # [U, 384, 384]
+            binary = logits > 0
+            binary_f = binary.to(logits.dtype).flatten(1)
+            mask_scores = (logits.sigmoid().flatten(1) * binary_f).sum(1) / (binary_f.sum(1) + 1e-6)
+            pair_scores = top_scores[candidates] * mask_scores[pair_to_query]
+            # Score and emptiness (of the mask as nearest-resized to the output size) of each pair.
+            passing = pair_scores.double() >= threshold  # Python-float comparison, as .item()
+            sampled = binary[:, rows.unique()][:, :, cols.unique()]
+            non_empty = sampled.flatten(1).any(dim=1)[pair_to_query]
+            keep = torch.nonzero(passing & non_empty).flatten()
+            if keep.numel() > 0:
+                kept = binary[pair_to_query[keep]]  # [K, 384, 384] in segment order
+                labels_kept = top_labels[candidates[keep]].tolist()
+                for seg_id, (label, score) in enumerate(zip(labels_kept, pair_scores[keep].tolist())):
+                    segments.append({"id": seg_id, "label_id": int(label), "was_fused": False, "score": round(score, 6)})
+                # Nearest resizing only gathers pixels, so painting at 384x384 then gathering
+                # equals painting the resized masks.
+                segmentation = _paint_last_wins(kept)[rows[:, None], cols[None, :]]
+
+        if return_coco_annotation:
+            results.append({"segmentation": convert_segmentation_to_rle(segmentation), "segments_info": segments})
+        elif return_binary_maps and kept.shape[0] > 0:
+            binary_maps = kept[:, rows[:, None], cols[None, :]].to(torch.float32)
+            results.append({"segmentation": binary_maps, "segments_info": segments})
+        else:
+            results.append({"segmentation": segmentation, "segments_info": segments})
+    return results
+
+
+def _paint_last_wins(masks: torch.Tensor) -> torch.Tensor:
+    """float32 ``[H, W]``: index of the last of ``masks [K, H, W]`` (bool) covering each pixel, else -1."""
+    count = masks.shape[0]
+    dtype = torch.int16 if count < 2**15 else torch.int32
+    ids = torch.arange(1, count + 1, dtype=dtype, device=masks.device).view(-1, 1, 1)
+    painted = torch.where(masks, ids, torch.zeros((), dtype=dtype, device=masks.device)).amax(dim=0)
+    return painted.to(torch.float32) - 1.0
+
+
+def _nearest_indices(
+    in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column source indices of torch's ``mode="nearest"`` resize (bit-identical)."""
+    out = []
+    for n_in, n_out in zip(in_size, out_size):
+        grid = torch.arange(n_in, dtype=torch.float32, device=device).view(1, 1, n_in)
+        out.append(F.interpolate(grid, size=n_out, mode="nearest").view(-1).long())
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- panoptic
+
+
+def post_process_panoptic_segmentation(
+    outputs: Any,
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+    label_ids_to_fuse: Iterable[int] | None = None,
+    target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """Panoptic segments: each pixel goes to the kept query with the highest score x mask prob.
+
+    Queries are kept when their best class is not "no object" and its probability is
+    > ``threshold``. A kept query becomes a segment when it wins at least one pixel, has pixels
+    with score x prob >= ``mask_threshold``, and (won area / that area) > ``overlap_mask_area_threshold``.
+    Segment ids start at 1 in query order; segments of a class in ``label_ids_to_fuse`` share
+    the id of the first segment of that class.
+
+    Args:
+        outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
+        target_sizes: one ``(height, width)`` per image; default 384x384.
+
+    Returns:
+        One dict per image: ``segmentation`` (int32 ``[H, W]`` segment ids, 0 = none; float32
+        filled with -1 when no query is kept) and ``segments_info``: list of
+        ``{"id", "label_id", "was_fused", "score"}`` (score rounded to 6 decimals; a fused class
+        appears once per contributing query, with the shared id).
+    """
+    fuse = set(label_ids_to_fuse) if label_ids_to_fuse is not None else set()
+    class_logits, mask_logits = _logits(outputs)
+    batch_size = class_logits.shape[0]
+    num_labels = class_logits.shape[-1] - 1
+    _check_target_sizes(target_sizes, batch_size)
+    pred_scores, pred_labels = class_logits.softmax(dim=-1).max(dim=-1)  # [B, Q]
+
+    results = []
+    for i in range(batch_size):
+        keep = pred_labels[i].ne(num_labels) & (pred_scores[i] > threshold)
+        target = _target_size(target_sizes, i)
+        if not bool(keep.any()):
+            size = target or REFERENCE_MASK_SIZE
+            results.append({"segmentation": torch.full(size, -1.0, device=class_logits.device), "segments_info": []})
+            continue
+        scores, labels = pred_scores[i][keep], pred_labels[i][keep]
+        probs = _to_reference_size(mask_logits[i][keep]).sigmoid()  # [K, 384, 384]
+        if target is not None:
+            probs = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
+        probs.mul_(scores.view(-1, 1, 1))
+        owner = probs.argmax(dim=0)  # [H, W]
+        count = probs.shape[0]
+        won_area = torch.bincount(owner.flatten(), minlength=count)
+        own_area = (probs >= mask_threshold).flatten(1).sum(1, dtype=torch.int32).long()
+        ratio = won_area / own_area  # the reference's float32 division, compared as a Python float
+        exists = ((won_area > 0) & (own_area > 0) & (ratio.double() > overlap_mask_area_threshold)).tolist()
+        label_list, score_list = labels.tolist(), scores.tolist()
+        segment_of_query = [0] * count
+        segments: list[dict[str, Any]] = []
+        fused_ids: dict[int, int] = {}
+        current = 0
+        for k in range(count):
+            if not exists[k]:
+                continue
+            label = label_list[k]
+            should_fuse = label in fuse
+            # As in the reference, reusing a fused id also resets the running counter to it.
+            if label in fused_ids:
+                current = fused_ids[label]
+            else:
+                current += 1
+            seg_id = current
+            segment_of_query[k] = seg_id
+            segments.append({"id": seg_id, "label_id": label, "was_fused": should_fuse, "score": round(score_list[k], 6)})
+            if should_fuse:
+                fused_ids[label] = seg_id
+        lut = torch.tensor(segment_of_query, dtype=torch.int32, device=owner.device)
+        results.append({"segmentation": lut[owner], "segments_info": segments})
+    return results
