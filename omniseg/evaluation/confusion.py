@@ -67,7 +67,9 @@ def _split_maps(value: LabelMaps, what: str) -> list[torch.Tensor]:
         tensor = _as_tensor(value, what)
         if tensor.dim() not in (2, 3):
             raise ValueError(f"{what}: expected a (H, W) map or a (B, H, W) batch, got shape {tuple(tensor.shape)}")
-        return [tensor]
+        # A batch is counted image by image: the working arrays of one image stay in cache,
+        # which is faster than one pass over the whole batch.
+        return [tensor] if tensor.dim() == 2 else list(tensor.unbind(0))
     if isinstance(value, (list, tuple)):
         if len(value) and all(isinstance(v, (int, np.integer)) for v in value):
             raise ValueError(f"{what}: expected label maps, got a flat list of numbers")
