@@ -222,7 +222,7 @@ def test_palette_fixed_distinct_deterministic():
     distances = np.linalg.norm(first[:, None] - first[None], axis=-1) + np.eye(20) * 1e9
     assert distances.min() > 40  # the hand-picked ones are far apart
     assert shade(color_for(1), 0) == color_for(1)
-    assert len({shade(color_for(1), i) for i in range(6)}) == 6
+    assert len({shade(color_for(1), i) for i in range(13)}) == 13
 
 
 def test_overlay_blends_colours_and_keeps_background(image):

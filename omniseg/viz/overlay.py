@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,7 +52,10 @@ def draw_overlay(
     width, height = base.size
     label2id = _invert(id2label)
 
-    entries = []  # (number, label, score, colour, mask) in the segments' order
+    thickness = max(1, round(min(width, height) / 320))
+    # Per segment only its bounding box (grown by the outline thickness) and the mask inside
+    # it are kept: full-size masks of many segments on a large photo would not fit in memory.
+    entries: list[_Entry] = []
     per_class_count: dict[Any, int] = {}
     for number, segment in enumerate(segments, start=1):
         mask = _mask_array(segment, (height, width))
@@ -63,33 +67,58 @@ def draw_overlay(
         key = class_id if class_id is not None else label
         instance = per_class_count.get(key, 0)
         per_class_count[key] = instance + 1
-        entries.append((number, label, segment.get("score"), shade(base_color, instance), mask))
+        box = _bounding_box(mask, margin=thickness)
+        entries.append(
+            _Entry(number, label, segment.get("score"), shade(base_color, instance),
+                   box, None if box is None else mask[box])
+        )
 
-    pixels = np.asarray(base).astype(np.float32)
-    colour_layer = np.zeros_like(pixels)
+    # uint8 layers, and float maths only on covered pixels: large photos stay cheap.
+    blended = np.array(base, dtype=np.uint8)
+    colour_layer = np.zeros_like(blended)
     covered = np.zeros((height, width), dtype=bool)
     outline = np.zeros((height, width), dtype=bool)
-    outline_colour = np.zeros_like(pixels)
-    thickness = max(1, round(min(width, height) / 320))
-    for _, _, _, colour, mask in _paint_order(entries):
-        colour_layer[mask] = colour
-        covered |= mask
-        # The outline is the mask minus its erosion; the image frame is not an edge.
-        inner = ndimage.binary_erosion(mask, iterations=thickness, border_value=1)
-        edge = mask & ~inner
-        outline |= edge
-        outline_colour[edge] = _darken(colour)
-    blended = pixels.copy()
-    blended[covered] = pixels[covered] * (1.0 - alpha) + colour_layer[covered] * alpha
-    blended[outline] = outline_colour[outline]
-    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    for entry in _paint_order(entries):
+        if entry.box is None:
+            continue
+        part = entry.part
+        colour_layer[entry.box][part] = entry.colour
+        covered[entry.box] |= part
+        outline[entry.box] &= ~part  # a segment painted later hides earlier outlines
+        # The outline is the mask minus its erosion; border_value=1 keeps the image frame
+        # from counting as an edge (the box's other sides lie outside the mask anyway).
+        edge = part & ~ndimage.binary_erosion(part, iterations=thickness, border_value=1)
+        outline[entry.box] |= edge
+        colour_layer[entry.box][edge] = _darken(entry.colour)
+    fill = covered & ~outline
+    mixed = blended[fill].astype(np.float32) * (1.0 - alpha) + colour_layer[fill] * alpha
+    blended[fill] = np.rint(mixed).astype(np.uint8)
+    blended[outline] = colour_layer[outline]
+    result = Image.fromarray(blended)
 
-    font = _font(max(11, min(22, round(max(width, height) / 36))))
-    if any(score is not None for _, _, score, _, _ in entries):
+    # Text scales with the picture so the legend stays readable on large photos.
+    font = _font(max(11, min(72, round(max(width, height) / 40))))
+    if any(entry.score is not None for entry in entries):
         _draw_numbers(result, entries, font)
     if not legend:
         return result
     return _with_legend(result, entries, font)
+
+
+@dataclass
+class _Entry:
+    """One segment as drawn: legend number, label, score, colour, and its mask's box."""
+
+    number: int
+    label: str
+    score: float | None
+    colour: Color
+    box: tuple[slice, slice] | None  # None: empty mask
+    part: np.ndarray | None  # the mask inside ``box``
+
+    @property
+    def area(self) -> int:
+        return 0 if self.part is None else int(self.part.sum())
 
 
 def _invert(id2label: Mapping[int, str] | None) -> dict[str, int]:
@@ -117,9 +146,21 @@ def _mask_array(segment: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarra
     return mask
 
 
-def _paint_order(entries: list) -> list:
+def _paint_order(entries: list[_Entry]) -> list[_Entry]:
     # Stable sort: segments without a score keep their order; scored ones rise by score.
-    return sorted(entries, key=lambda entry: -math.inf if entry[2] is None else entry[2])
+    return sorted(entries, key=lambda entry: -math.inf if entry.score is None else entry.score)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The slices of the mask's bounding box grown by ``margin`` (clipped), or None if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    height, width = mask.shape
+    return (
+        slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, height)),
+        slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, width)),
+    )
 
 
 def _darken(colour: Color) -> Color:
@@ -138,39 +179,42 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     return right - left, bottom - top
 
 
-def _draw_numbers(canvas: Image.Image, entries: list, font) -> None:
+def _draw_numbers(canvas: Image.Image, entries: list[_Entry], font) -> None:
     """Write each segment's legend number at its most interior pixel, if the tag fits there."""
     draw = ImageDraw.Draw(canvas)
-    for number, _, _, colour, mask in entries:
-        if not mask.any():
+    for entry in entries:
+        if entry.box is None:
             continue
-        depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        # Distance to the nearest pixel outside the mask (the image frame counts as outside).
+        depth = ndimage.distance_transform_edt(np.pad(entry.part, 1))[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        text = str(number)
+        text = str(entry.number)
         tw, th = _text_size(draw, text, font)
         if depth[y, x] * 2 < max(th, tw) * 0.8:
             continue  # too thin for a readable tag
-        box = (x - tw // 2 - 3, y - th // 2 - 3, x + (tw + 1) // 2 + 3, y + (th + 1) // 2 + 3)
-        draw.rectangle(box, fill=colour, outline=_darken(colour))
-        draw.text((x, y), text, fill=text_color(colour), font=font, anchor="mm")
+        y, x = y + entry.box[0].start, x + entry.box[1].start
+        tag = (x - tw // 2 - 3, y - th // 2 - 3, x + (tw + 1) // 2 + 3, y + (th + 1) // 2 + 3)
+        draw.rectangle(tag, fill=entry.colour, outline=_darken(entry.colour))
+        draw.text((x, y), text, fill=text_color(entry.colour), font=font, anchor="mm")
 
 
-def _with_legend(image: Image.Image, entries: list, font) -> Image.Image:
+def _with_legend(image: Image.Image, entries: list[_Entry], font) -> Image.Image:
     width, height = image.size
     probe = ImageDraw.Draw(image)
     total = float(width * height)
     texts = []
-    for number, label, score, _, mask in entries:
+    for entry in entries:
+        label = entry.label
         if len(label) > _MAX_LABEL_CHARS:
             label = label[: _MAX_LABEL_CHARS - 1] + "…"
-        if score is None:
-            texts.append(f"{label}  {100.0 * mask.sum() / total:.1f}%")
+        if entry.score is None:
+            texts.append(f"{label}  {100.0 * entry.area / total:.1f}%")
         else:
-            texts.append(f"{number}  {label}  {score:.2f}")
+            texts.append(f"{entry.number}  {label}  {entry.score:.2f}")
     if not texts:
         texts, colours = ["no segments"], [None]
     else:
-        colours = [entry[3] for entry in entries]
+        colours = [entry.colour for entry in entries]
 
     _, line_height = _text_size(probe, "Ag19", font)
     swatch = line_height + 2

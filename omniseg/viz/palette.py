@@ -62,18 +62,20 @@ def color_for_label(label: str) -> Color:
     return color_for(zlib.crc32(label.encode("utf-8")) % 997)
 
 
+# Blend amounts towards white (> 0) or black (< 0) for successive instances of one class:
+# alternating and interleaved, so consecutive instances (often neighbours) contrast.
+_SHADE_STEPS = (0.0, 0.3, -0.3, 0.55, -0.5, 0.15, -0.15, 0.42, -0.4, 0.68, -0.62, 0.22, -0.22)
+
+
 def shade(color: Color, index: int) -> Color:
     """The ``index``-th shade of ``color``, to tell instances of one class apart.
 
-    Shade 0 is the colour itself; later shades alternate lighter and darker, stepping
-    further each time, so neighbouring instances contrast.
+    Shade 0 is the colour itself; later shades alternate lighter and darker by varying
+    amounts, cycling after 13 shades (beyond that, outlines and numbers tell them apart).
     """
-    if index == 0:
-        return color
-    step = (index + 1) // 2
-    amount = min(0.28 * step, 0.7)
-    target = 255 if index % 2 else 0
-    return tuple(round(c + (target - c) * amount) for c in color)  # type: ignore[return-value]
+    amount = _SHADE_STEPS[index % len(_SHADE_STEPS)]
+    target = 255 if amount > 0 else 0
+    return tuple(round(c + (target - c) * abs(amount)) for c in color)  # type: ignore[return-value]
 
 
 def text_color(background: Color) -> Color:
