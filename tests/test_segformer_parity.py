@@ -62,7 +62,7 @@ def build_reference_segformer(
     *,
     model: dict[str, Any],
     processor: dict[str, Any] | None = None,
-    seed: int = 0,
+    seed: int = 2,
     noise: float = 0.3,
 ) -> Path:
     """Save a seeded, perturbed reference SegFormer (and its image processor) in ``directory``."""
