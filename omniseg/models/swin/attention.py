@@ -11,6 +11,8 @@ published weights load unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,8 @@ def shift_attention_mask(
     per axis: ``[0, n - window)``, ``[n - window, n - shift)``, ``[n - shift, n)``.
 
     Returns:
-        float32 tensor ``[num_windows, window_size**2, window_size**2]`` of 0 and -100, in
-        the window order of :func:`omniseg.models.swin.blocks.window_partition`.
+        float32 tensor ``[num_windows, window_size**2, window_size**2]`` of 0 and -100,
+        windows row-major.
     """
     h = torch.arange(height, device=device)
     w = torch.arange(width, device=device)
@@ -63,6 +65,66 @@ def shift_attention_mask(
     region = region.transpose(1, 2).reshape(-1, window_size * window_size)  # [nW, L]
     different = region[:, :, None] != region[:, None, :]
     return torch.zeros(different.shape, device=device).masked_fill_(different, SHIFT_MASK_VALUE)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLayout:
+    """How the tokens of an ``H x W`` map are cut into (possibly shifted) windows.
+
+    The map is zero-padded at the bottom/right to whole windows, cyclically shifted by
+    ``-shift_size`` and cut into windows, as in the reference. Here all of that is one
+    gather (``gather_index``) plus zeroing the padding slots, and the way back (unshift,
+    unpad) one more gather (``restore_index``): two copies per block instead of up to eight.
+
+    Attributes:
+        window_size: side of the windows, ``L = window_size**2`` tokens each.
+        num_windows: windows per image.
+        gather_index: ``[num_windows * L]`` long; the token (row-major in ``H x W``) that
+            fills each window slot (any valid token for padding slots).
+        padding_slots: ``[K]`` long, the window slots that are zero padding; None if none.
+        restore_index: ``[H * W]`` long; the window slot holding each token.
+        shift_mask: ``[num_windows, L, L]`` additive mask when shifted, else None.
+    """
+
+    window_size: int
+    num_windows: int
+    gather_index: torch.Tensor
+    padding_slots: torch.Tensor | None
+    restore_index: torch.Tensor
+    shift_mask: torch.Tensor | None
+
+
+def window_layout(
+    height: int, width: int, window_size: int, shift_size: int, *, device: torch.device
+) -> WindowLayout:
+    """The :class:`WindowLayout` of an ``height x width`` map (``shift_size`` 0: regular)."""
+    padded_h = -(-height // window_size) * window_size
+    padded_w = -(-width // window_size) * window_size
+    rows_of_windows, cols_of_windows = padded_h // window_size, padded_w // window_size
+    # Window slot -> (row, col) in the shifted, padded map, windows row-major.
+    slot = torch.arange(padded_h * padded_w, device=device).view(
+        rows_of_windows, window_size, cols_of_windows, window_size
+    )
+    slot = slot.transpose(1, 2).reshape(-1)  # slot order -> flat index in the padded map
+    # Rolling by -shift means slot (y, x) holds the padded map's ((y+s) % Hp, (x+s) % Wp).
+    rows = (slot // padded_w + shift_size) % padded_h
+    cols = (slot % padded_w + shift_size) % padded_w
+    valid = (rows < height) & (cols < width)
+    source = torch.where(valid, rows * width + cols, torch.zeros_like(rows))
+    restore = torch.empty(height * width, dtype=torch.long, device=device)
+    restore[source[valid]] = torch.arange(slot.numel(), device=device)[valid]
+    padding = None if bool(valid.all()) else torch.nonzero(~valid).flatten()
+    mask = None
+    if shift_size:
+        mask = shift_attention_mask(padded_h, padded_w, window_size, shift_size, device=device)
+    return WindowLayout(
+        window_size=window_size,
+        num_windows=rows_of_windows * cols_of_windows,
+        gather_index=source,
+        padding_slots=padding,
+        restore_index=restore,
+        shift_mask=mask,
+    )
 
 
 class WindowSelfAttention(nn.Module):
@@ -102,21 +164,20 @@ class WindowSelfAttention(nn.Module):
         """Project with one matmul instead of three.
 
         Args:
-            windows: ``[..., L, C]``.
+            windows: ``[N, L, C]``.
 
         Returns:
-            ``[3, ..., num_heads, L, head_dim]`` (query, key, value stacked first).
+            ``[3, N, num_heads, L, head_dim]`` (query, key, value stacked first); a view of
+            the projection, no copy.
         """
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         bias = None
         if self.query.bias is not None:
             bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(windows, weight, bias)  # [..., L, 3C]
-        *lead, length, _ = qkv.shape
-        qkv = qkv.view(*lead, length, 3, self.num_heads, self.head_dim)
-        n = len(lead)
-        # [..., L, 3, h, d] -> [3, ..., h, L, d]
-        return qkv.permute(n + 1, *range(n), n + 2, n, n + 3)
+        qkv = F.linear(windows, weight, bias)  # [N, L, 3C]
+        count, length, _ = qkv.shape
+        qkv = qkv.view(count, length, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)
 
 
 class Dense(nn.Module):
@@ -153,31 +214,45 @@ class WindowAttention(nn.Module):
         self.output = Dense(dim, dim)
         self.attention_dropout = attention_dropout
 
-    def forward(
-        self,
-        windows: torch.Tensor,
-        *,
-        window_size: int,
-        shift_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Attend within each window.
+    def forward(self, tokens: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+        """Attend within each window of the map.
 
         Args:
-            windows: ``[B, num_windows, L, C]`` tokens grouped by window, ``L = window_size**2``.
-            window_size: side of the windows (the configured one, or smaller if clamped).
-            shift_mask: ``[num_windows, L, L]`` additive mask for shifted windows, or None.
+            tokens: ``[B, H*W, C]`` (row-major map, already layer-normed).
+            layout: windows of this ``H x W`` map, from :func:`window_layout`.
 
         Returns:
-            ``[B, num_windows, L, C]``.
+            ``[B, H*W, C]``, after the output projection.
         """
-        batch, num_windows, length, channels = windows.shape
-        query, key, value = self.self.fused_qkv(windows)  # each [B, nW, h, L, d]
-        bias = self.self.position_bias(window_size).to(windows.dtype)  # [h, L, L]
-        # One additive term for SDPA: broadcast over the batch, per window only if shifted.
-        attn_bias = bias if shift_mask is None else bias + shift_mask.to(bias.dtype)[:, None]
+        batch, _, channels = tokens.shape
+        num_windows, length = layout.num_windows, layout.window_size**2
+        windows = tokens.index_select(1, layout.gather_index)  # [B, nW*L, C]
+        if layout.padding_slots is not None:
+            # Padding is zero *after* the norm, as in the reference: padded tokens are zero
+            # vectors that still take part in attention (their keys are the biases).
+            windows.index_fill_(1, layout.padding_slots, 0.0)
+        # SDPA gets 4-D inputs [B*nW, h, L, d]: on CPU that selects the fused (flash) kernel,
+        # while 5-D inputs fall back to the much slower unfused maths.
+        query, key, value = self.self.fused_qkv(windows.view(batch * num_windows, length, channels))
+        bias = self.self.position_bias(layout.window_size).to(tokens.dtype)  # [h, L, L]
         dropout = self.attention_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_bias, dropout_p=dropout
-        )  # [B, nW, h, L, d]
-        context = context.transpose(2, 3).reshape(batch, num_windows, length, channels)
-        return self.output(context)
+        if layout.shift_mask is None:
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=bias[None], dropout_p=dropout
+            )
+        else:
+            # The per-window mask differs between windows but not between images: attend
+            # image by image rather than materialising the mask batch times.
+            attn_bias = bias[None] + layout.shift_mask.to(bias.dtype)[:, None]  # [nW, h, L, L]
+            context = torch.cat(
+                [
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout)
+                    for q, k, v in zip(
+                        query.split(num_windows), key.split(num_windows), value.split(num_windows)
+                    )
+                ]
+            )
+        # [B*nW, h, L, d] -> [B, nW*L, C]; free when SDPA returns [N, L, h, d] memory.
+        context = context.transpose(1, 2).reshape(batch, num_windows * length, channels)
+        # Back to map order (dropping padding) before the projection: fewer rows to project.
+        return self.output(context.index_select(1, layout.restore_index))

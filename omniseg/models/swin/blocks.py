@@ -1,8 +1,9 @@
 """Swin Transformer blocks, patch merging and stages.
 
 Feature maps travel between blocks channels-last, ``[B, H, W, C]``: layer norms and linear
-layers act on the last dimension, windows are cut with a view plus one copy, and no
-``[B, H*W, C]`` <-> ``[B, C, H, W]`` permutes are needed between blocks.
+layers act on the last dimension, windows are cut with one gather (see
+:class:`~omniseg.models.swin.attention.WindowLayout`), and no ``[B, H*W, C]`` <->
+``[B, C, H, W]`` permutes are needed between blocks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniseg.models.swin.attention import Dense, WindowAttention, shift_attention_mask
+from omniseg.models.swin.attention import Dense, WindowAttention, WindowLayout, window_layout
 
 _ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -31,28 +32,6 @@ def activation(name: str) -> nn.Module:
         raise ValueError(
             f"unsupported hidden_act {name!r}; expected one of {sorted(_ACTIVATIONS)}"
         ) from None
-
-
-def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
-    """``[B, H, W, C]`` -> ``[B, num_windows, window_size**2, C]`` (windows row-major).
-
-    ``H`` and ``W`` must be multiples of ``window_size``.
-    """
-    batch, height, width, channels = features.shape
-    windows = features.view(
-        batch, height // window_size, window_size, width // window_size, window_size, channels
-    )
-    return windows.transpose(2, 3).reshape(batch, -1, window_size * window_size, channels)
-
-
-def window_merge(windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``[B, nW, ws*ws, C]`` -> ``[B, H, W, C]``."""
-    batch, _, length, channels = windows.shape
-    window_size = int(round(length**0.5))
-    grid = windows.view(
-        batch, height // window_size, width // window_size, window_size, window_size, channels
-    )
-    return grid.transpose(2, 3).reshape(batch, height, width, channels)
 
 
 class DropPath(nn.Module):
@@ -124,43 +103,18 @@ class SwinBlock(nn.Module):
         self.dropout = _dropout(hidden_dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        *,
-        window_size: int,
-        shift_size: int,
-        shift_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
         """Args:
             features: ``[B, H, W, C]``.
-            window_size: window side for this resolution (see :func:`stage_windowing`).
-            shift_size: cyclic shift, 0 for a regular-window block.
-            shift_mask: ``[num_windows, L, L]`` from :func:`shift_attention_mask` on the
-                padded map when ``shift_size > 0``, else None.
+            layout: this block's windows of the ``H x W`` map (shifted or not), see
+                :func:`~omniseg.models.swin.attention.window_layout`.
 
         Returns:
             ``[B, H, W, C]``.
         """
         batch, height, width, channels = features.shape
-        normed = self.layernorm_before(features)
-        # Zero-pad bottom/right to whole windows *after* the norm, as the reference does:
-        # padded tokens are zero vectors that still take part in attention.
-        pad_h = (window_size - height % window_size) % window_size
-        pad_w = (window_size - width % window_size) % window_size
-        if pad_h or pad_w:
-            normed = F.pad(normed, (0, 0, 0, pad_w, 0, pad_h))
-        if shift_size:
-            normed = torch.roll(normed, shifts=(-shift_size, -shift_size), dims=(1, 2))
-        windows = window_partition(normed, window_size)
-        attended = self.attention(
-            windows, window_size=window_size, shift_mask=shift_mask if shift_size else None
-        )
-        attended = window_merge(attended, height + pad_h, width + pad_w)
-        if shift_size:
-            attended = torch.roll(attended, shifts=(shift_size, shift_size), dims=(1, 2))
-        if pad_h or pad_w:
-            attended = attended[:, :height, :width]
+        normed = self.layernorm_before(features).view(batch, height * width, channels)
+        attended = self.attention(normed, layout).view(batch, height, width, channels)
         features = features + self.drop_path(self.dropout(attended))
 
         mlp = self.output(self.activation(self.intermediate(self.layernorm_after(features))))
@@ -254,21 +208,15 @@ class SwinStage(nn.Module):
         window_size, shift_size = stage_windowing(
             height, width, self.window_size, always_partition=always_partition
         )
-        shift_mask = None
-        if shift_size and len(self.blocks) > 1:
-            # One mask serves every shifted block of the stage.
-            padded_h = -(-height // window_size) * window_size
-            padded_w = -(-width // window_size) * window_size
-            shift_mask = shift_attention_mask(
-                padded_h, padded_w, window_size, shift_size, device=features.device
-            )
+        # Layouts (gather indices, shift mask) are shared by all blocks of the stage.
+        layouts = {}
         for block in self.blocks:
-            features = block(
-                features,
-                window_size=window_size,
-                shift_size=shift_size if block.shifted else 0,
-                shift_mask=shift_mask if block.shifted else None,
-            )
+            shift = shift_size if block.shifted else 0
+            if shift not in layouts:
+                layouts[shift] = window_layout(
+                    height, width, window_size, shift, device=features.device
+                )
+            features = block(features, layouts[shift])
         if self.downsample is None:
             return features, features
         return features, self.downsample(features)
