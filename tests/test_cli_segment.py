@@ -22,6 +22,9 @@ from omniseg.pipelines.image_segmentation import ImageSegmentationPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each test runs the real model on a few small images (and one starts a subprocess).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -144,6 +147,12 @@ def test_rerun_skips_finished_images(model_dir, inputs, tmp_path, capsys, monkey
     assert calls == [1]
     assert (out / "b" / "x_overlay.png").is_file()
     assert (out / "a" / "x.json").stat().st_mtime_ns == stamps[out / "a" / "x.json"]
+
+    # Another task in the same OUT does not keep the old answers: everything is redone.
+    calls.clear()
+    assert _segment(inputs, "--out", out, "--model", model_dir, "--task", "semantic") == 1
+    assert calls == [1, 1, 1]
+    assert json.loads((out / "a" / "x.json").read_text())["task"] == "semantic"
 
 
 def test_all_good_exits_zero_without_a_terminal(model_dir, tmp_path):

@@ -49,8 +49,9 @@ common folder, so equal names in different folders never collide):
          area, score), loadable by pycocotools.coco.COCO; implies json, from which it
          is rebuilt on re-runs
 
-Re-running with the same OUT skips images whose outputs all exist (the JSON is written
-last, atomically, so a finished image is never half written). A file that cannot be read
+Re-running with the same OUT skips images whose outputs all exist and whose JSON names
+the same model and task (the JSON is written last, atomically, so a finished image is
+never half written); other images are (re)done. A file that cannot be read
 or segmented does not stop the batch: it is listed in OUT/{ERRORS_FILE} (one JSON line
 per file: {{"file", "error", "reason"}}; rewritten by each run).
 
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     errors_path.unlink(missing_ok=True)  # it describes the latest run only
     errors: list[dict[str, str]] = []
 
-    pending = [item for item in items if not _is_done(item, formats)]
+    model_name = None if args.model is None else str(args.model)
+    pending = [item for item in items if not _is_done(item, formats, model_name, task)]
     skipped = len(items) - len(pending)
     call_options: dict[str, Any] = {"subtask": subtask, "batch_size": args.batch_size}
     if args.threshold is not None:
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                     try:
                         write_image_results(
                             item.stem, image, segments, id2label, source=item.path,
-                            task=task, model=args.model, formats=formats,
+                            task=task, model=model_name, formats=formats,
                         )
                     except (OSError, ValueError) as exc:
                         fail(item, exc)
@@ -268,8 +270,22 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
     return items
 
 
-def _is_done(item: _Item, formats: Sequence[str]) -> bool:
-    return all(path.is_file() for path in output_paths(item.stem, formats).values())
+def _is_done(item: _Item, formats: Sequence[str], model: str | None, task: str) -> bool:
+    """All outputs exist, and the JSON (when there is one) came from this model and task.
+
+    The model check keeps a re-run with another model or task in the same OUT from
+    silently keeping the old answers; an unreadable JSON means the image is redone.
+    """
+    paths = output_paths(item.stem, formats)
+    if not all(path.is_file() for path in paths.values()):
+        return False
+    if "json" not in paths:
+        return True
+    try:
+        document = read_image_results(paths["json"])
+    except (OSError, ValueError):
+        return False
+    return document.get("model") == model and document.get("task") == task
 
 
 def _write_coco(out: Path, items: list[_Item], formats: Sequence[str], id2label) -> None:
