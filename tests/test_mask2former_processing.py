@@ -343,3 +343,29 @@ def test_legacy_size_and_max_size_keys(tmp_path: Path) -> None:
     assert ours.size == {"shortest_edge": 384, "longest_edge": 640}
     assert "max_size" not in ours.to_dict()
     assert dict(_reference_from(tmp_path).size) == ours.size
+
+
+def test_fast_argmax_equals_torch_argmax_with_ties_and_nan() -> None:
+    g = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 3, (7, 5, 6), generator=g).float()  # many ties
+    values[2, 0, 0] = float("nan")
+    values[:, 4, 5] = float("nan")
+    assert torch.equal(mask_classification._first_argmax(values), values.argmax(dim=0))
+    many = torch.randint(0, 4, (300, 3, 4), generator=g).float()  # beyond the uint8 fast path
+    assert torch.equal(mask_classification._first_argmax(many), many.argmax(dim=0))
+
+
+def test_panoptic_fused_id_reuse_matches_reference_counter() -> None:
+    # Four side-by-side queries: classes A (fused), B, A, C. The reference reuses A's id for the
+    # second A and continues counting from it, so C gets B's id; we reproduce that exactly.
+    masks = torch.full((1, 4, 8, 16), -9.0)
+    for q in range(4):
+        masks[0, q, :, 4 * q : 4 * q + 4] = 9.0
+    logits = torch.full((1, 4, 4), -5.0)
+    for q, cls in enumerate([0, 1, 0, 2]):
+        logits[0, q, cls] = 5.0 + q * 0.1
+    outputs = SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+    ours = mask_classification.post_process_panoptic_segmentation(outputs, label_ids_to_fuse={0})
+    expected = _reference().post_process_panoptic_segmentation(outputs, label_ids_to_fuse={0})
+    _assert_result_match(ours[0], expected[0])
+    assert [s["id"] for s in ours[0]["segments_info"]] == [1, 2, 1, 2]

@@ -112,11 +112,11 @@ def post_process_semantic_segmentation(
     mask_probs = _to_reference_size(mask_logits).sigmoid()
     scores = torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # [B, C, 384, 384]
     if target_sizes is None:
-        return list(scores.argmax(dim=1))
+        return [_first_argmax(scores[i]) for i in range(batch_size)]
     results = []
     for i in range(batch_size):
         resized = F.interpolate(scores[i : i + 1], size=_target_size(target_sizes, i), mode="bilinear", align_corners=False)
-        results.append(resized[0].argmax(dim=0))
+        results.append(_first_argmax(resized[0]))
     return results
 
 
@@ -212,10 +212,30 @@ def post_process_instance_segmentation(
 def _paint_last_wins(masks: torch.Tensor) -> torch.Tensor:
     """float32 ``[H, W]``: index of the last of ``masks [K, H, W]`` (bool) covering each pixel, else -1."""
     count = masks.shape[0]
-    dtype = torch.int16 if count < 2**15 else torch.int32
-    ids = torch.arange(1, count + 1, dtype=dtype, device=masks.device).view(-1, 1, 1)
-    painted = torch.where(masks, ids, torch.zeros((), dtype=dtype, device=masks.device)).amax(dim=0)
+    dtype = torch.uint8 if count < 256 else torch.int32
+    ids = torch.arange(1, count + 1, device=masks.device).to(dtype).view(-1, 1, 1)
+    painted = (masks.to(dtype) * ids).amax(dim=0)
     return painted.to(torch.float32) - 1.0
+
+
+def _first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(dim=0)`` for ``[K, H, W]`` (first maximum on ties), computed with fast
+    vectorised max reductions instead of the slow strided argmax kernel."""
+    count = values.shape[0]
+    if count >= 256:
+        return values.argmax(dim=0)
+    best = values.amax(dim=0)
+    # Weight K - k on maxima: the largest weight marks the first maximum.
+    weights = torch.arange(count, 0, -1, device=values.device).to(torch.uint8).view(-1, 1, 1)
+    is_max = (values == best).view(torch.uint8)
+    is_max.mul_(weights)
+    first = count - is_max.amax(dim=0).long()
+    if values.is_floating_point():
+        # All-NaN pixels have no maximum equal to itself; argmax reports the first NaN.
+        nan = torch.isnan(best)
+        if bool(nan.any()):
+            first = torch.where(nan, values.isnan().view(torch.uint8).argmax(dim=0), first)
+    return first
 
 
 def _nearest_indices(
@@ -246,7 +266,9 @@ def post_process_panoptic_segmentation(
     > ``threshold``. A kept query becomes a segment when it wins at least one pixel, has pixels
     with score x prob >= ``mask_threshold``, and (won area / that area) > ``overlap_mask_area_threshold``.
     Segment ids start at 1 in query order; segments of a class in ``label_ids_to_fuse`` share
-    the id of the first segment of that class.
+    the id of the first segment of that class. Exactly as in the reference, reusing a fused id
+    also resets the running counter to it, so the next new segment continues from there (its id
+    can then repeat an earlier one).
 
     Args:
         outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
@@ -278,7 +300,7 @@ def post_process_panoptic_segmentation(
         if target is not None:
             probs = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
         probs.mul_(scores.view(-1, 1, 1))
-        owner = probs.argmax(dim=0)  # [H, W]
+        owner = _first_argmax(probs)  # [H, W], same as probs.argmax(0)
         count = probs.shape[0]
         won_area = torch.bincount(owner.flatten(), minlength=count)
         own_area = (probs >= mask_threshold).flatten(1).sum(1, dtype=torch.int32).long()
