@@ -46,11 +46,13 @@ def plot_per_class_iou(
     path: str | Path,
     *,
     mean_iou: float | None = None,
-    title: str = "IoU per class",
+    metric_name: str = "IoU",
+    title: str | None = None,
 ) -> Path:
-    """Horizontal bars of IoU per class (in class order, top to bottom), values written at the
-    bar ends, the mean as a dashed line; classes without a value (absent from both sides)
-    say "n/a". Returns ``path``."""
+    """Horizontal bars of IoU (or another 0..1 per-class figure, named by ``metric_name``: PQ,
+    AP) per class in class order, top to bottom; values written at the bar ends, the mean
+    (``mean_iou``, default the NaN-skipping mean) as a dashed line; classes without a value
+    (absent from both sides) say "n/a". Returns ``path``."""
     plt = _pyplot()
     values = np.asarray(per_class_iou, dtype=np.float64)
     if len(values) != len(class_names):
@@ -74,8 +76,8 @@ def plot_per_class_iou(
     axes.invert_yaxis()
     axes.set_xlim(0, 1.1)
     axes.set_ylim(count - 0.5, -1.2)
-    axes.set_xlabel("IoU")
-    axes.set_title(title)
+    axes.set_xlabel(metric_name)
+    axes.set_title(title or f"{metric_name} per class")
     axes.grid(axis="x", alpha=0.3)
     return _save(figure, path)
 
@@ -108,8 +110,7 @@ def plot_confusion_matrix(
     count = len(class_names)
     size = max(4.0, 0.45 * count + 2.5)
     figure, axes = plt.subplots(figsize=(size + 1.0, size))
-    colour_map = plt.get_cmap("Blues").copy()
-    colour_map.set_bad("white")
+    colour_map = plt.get_cmap("Blues").with_extremes(bad="white")
     image = axes.imshow(np.ma.masked_invalid(normalised), cmap=colour_map, vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     ticks = np.arange(count)
