@@ -22,7 +22,7 @@ reference pixel still costs the predicted class a false positive, which is what
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np

@@ -24,7 +24,7 @@ reads it from there) and its pixel count otherwise; predicted areas are always c
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,38 +330,3 @@ def pq_compute(
             image=str(pred_png),
         )
     return metric.compute()
-
-
-def segments_from_semantic(
-    label_map: np.ndarray,
-    thing_ids: Iterable[int],
-    ignore_index: int | None = None,
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """A panoptic target from a semantic label map: one segment per stuff class, one per
-    8-connected component of each thing class (the usual approximation when a dataset, like
-    CamVid, has no instance ids). ``ignore_index`` pixels become VOID.
-
-    Returns the (H, W) int64 id map (ids from 1) and the segments (``id``, ``category_id``,
-    ``iscrowd`` 0, ``area``).
-    """
-    from scipy import ndimage
-
-    label_map = np.asarray(label_map)
-    things = set(int(t) for t in thing_ids)
-    ids = np.zeros(label_map.shape, dtype=np.int64)
-    segments: list[dict[str, Any]] = []
-    structure = np.ones((3, 3), dtype=bool)
-    for category in np.unique(label_map).tolist():
-        if ignore_index is not None and category == ignore_index:
-            continue
-        mask = label_map == category
-        if category in things:
-            components, count = ndimage.label(mask, structure=structure)
-            regions = [components == k for k in range(1, count + 1)]
-        else:
-            regions = [mask]
-        for region in regions:
-            segment_id = len(segments) + 1
-            ids[region] = segment_id
-            segments.append({"id": segment_id, "category_id": int(category), "iscrowd": 0, "area": int(region.sum())})
-    return ids, segments
