@@ -243,3 +243,20 @@ def test_config_out_features_rules():
         SwinConfig(out_features=["stage1"], out_indices=[2])
     with pytest.raises(ValueError, match="divisible"):
         SwinConfig(embed_dim=10, num_heads=[3, 6, 12, 24])
+
+
+def test_inference_cache_follows_new_weights(tmp_path):
+    """The stacked q/k/v weights cached for inference are rebuilt when weights change."""
+    kwargs = CONFIGS["w4_deep_subset"]
+    first = build_reference(kwargs, seed=1)
+    second = build_reference(kwargs, seed=2)
+    ours = load_ours(first, kwargs, tmp_path / "first")
+    pixel_values = torch.randn(1, 3, 37, 41)
+    with torch.no_grad():
+        ours(pixel_values)  # fills the cache
+        ours.load_state_dict(load_ours(second, kwargs, tmp_path / "second").state_dict())
+        with torch.inference_mode():
+            actual = ours(pixel_values)
+        expected = second(pixel_values).feature_maps
+    for exp, act in zip(expected, actual):
+        assert relative_error(exp, act) < 1e-4

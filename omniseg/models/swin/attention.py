@@ -149,6 +149,10 @@ class WindowSelfAttention(nn.Module):
         self.register_buffer(
             "relative_position_index", relative_position_index(window_size), persistent=False
         )
+        # Inference cache of the stacked projection (see _fused_parameters); not state.
+        self._fused_key: tuple | None = None
+        self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._fused_sources: list[torch.Tensor] = []
 
     def position_bias(self, window_size: int) -> torch.Tensor:
         """Bias ``[num_heads, L, L]`` for windows of side ``window_size`` (``L = side**2``)."""
@@ -160,6 +164,31 @@ class WindowSelfAttention(nn.Module):
             )
         return self.relative_position_bias_table[index].permute(2, 0, 1)
 
+    def _fused_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query/key/value weights ``[3C, C]`` and biases ``[3C]`` stacked.
+
+        When no gradient is needed the stack is cached, keyed on the identity, storage and
+        version counter of each parameter, so that loading new weights (in place or not)
+        or moving the module rebuilds it.
+        """
+        parts = [self.query, self.key, self.value]
+        tensors = [lin.weight for lin in parts] + [lin.bias for lin in parts if lin.bias is not None]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        key = None
+        if not needs_grad:
+            try:
+                key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+            except RuntimeError:  # parameters created under inference_mode have no version
+                key = None
+        if key is not None and key == self._fused_key:
+            return self._fused_cache
+        weight = torch.cat([lin.weight for lin in parts])
+        bias = torch.cat([lin.bias for lin in parts]) if self.query.bias is not None else None
+        if key is not None:
+            # Keep the tensors alive so their ids stay unique while they are in the key.
+            self._fused_key, self._fused_cache, self._fused_sources = key, (weight, bias), tensors
+        return weight, bias
+
     def fused_qkv(self, windows: torch.Tensor) -> torch.Tensor:
         """Project with one matmul instead of three.
 
@@ -170,10 +199,7 @@ class WindowSelfAttention(nn.Module):
             ``[3, N, num_heads, L, head_dim]`` (query, key, value stacked first); a view of
             the projection, no copy.
         """
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = None
-        if self.query.bias is not None:
-            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        weight, bias = self._fused_parameters()
         qkv = F.linear(windows, weight, bias)  # [N, L, 3C]
         count, length, _ = qkv.shape
         qkv = qkv.view(count, length, 3, self.num_heads, self.head_dim)
