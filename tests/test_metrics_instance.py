@@ -127,6 +127,11 @@ def test_streaming_metric_equals_pycocotools(camvid_instances, tmp_path: Path) -
         # masks as 0/255 uint8 (as the pipeline's PIL masks are) on the prediction side
         metric.update(pred_masks.astype(np.uint8) * 255, pred_labels, pred_scores, gt_masks, gt_labels)
     ours = metric.compute()
+    # Two workers' metrics merged give the same figures.
+    first, second = InstanceSegmentationMetric(categories=list(THINGS)), InstanceSegmentationMetric(categories=list(THINGS))
+    for index, (gt_masks, gt_labels, pred_masks, pred_labels, pred_scores) in enumerate(camvid_instances):
+        (first if index < 2 else second).update(pred_masks, pred_labels, pred_scores, gt_masks, gt_labels)
+    assert first.merge(second).compute() == ours
     dataset = coco_gt_dataset(camvid_instances)
     dataset["annotations"].pop()  # no polygon here
     gt_path = tmp_path / "gt.json"

@@ -243,6 +243,18 @@ class InstanceSegmentationMetric:
         self.results.extend(masks_to_coco_results(image_id, preds, pred_labels, pred_scores))
         return image_id
 
+    def merge(self, other: "InstanceSegmentationMetric") -> "InstanceSegmentationMetric":
+        """Append ``other``'s images (for example another worker's), renumbering their image and
+        annotation ids after this metric's; returns ``self``."""
+        image_offset, annotation_offset = len(self.images), len(self.annotations)
+        self.images += [{**image, "id": image["id"] + image_offset} for image in other.images]
+        self.annotations += [
+            {**a, "id": a["id"] + annotation_offset, "image_id": a["image_id"] + image_offset}
+            for a in other.annotations
+        ]
+        self.results += [{**r, "image_id": r["image_id"] + image_offset} for r in other.results]
+        return self
+
     def ground_truth(self) -> dict[str, Any]:
         """The ground truth seen so far as a COCO instances dataset (JSON-ready)."""
         return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
