@@ -13,7 +13,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict  # noqa: E402
+from omniseg.models.checkpoint import (  # noqa: E402
+    load_state_dict_strict,
+    read_state_dict,
+    save_state_dict,
+)
 from omniseg.models.swin import IGNORE_ON_LOAD, SwinBackbone, SwinConfig  # noqa: E402
 
 CONFIGS = {
@@ -140,7 +144,8 @@ def test_training_mode_drop_path_and_gradients(tmp_path):
         "embeddings.patch_embeddings.projection.weight":
             "swin.embeddings.patch_embeddings.projection.weight",
         "encoder.layers.1.blocks.1.attention.self.relative_position_bias_table":
-            "swin.encoder.layers.1.blocks.1.attention.relative_position_bias.relative_position_bias_table",
+            "swin.encoder.layers.1.blocks.1.attention.relative_position_bias."
+            "relative_position_bias_table",
         "encoder.layers.0.blocks.1.attention.self.query.weight":
             "swin.encoder.layers.0.blocks.1.attention.q_proj.weight",
     }

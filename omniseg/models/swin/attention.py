@@ -172,7 +172,8 @@ class WindowSelfAttention(nn.Module):
         or moving the module rebuilds it.
         """
         parts = [self.query, self.key, self.value]
-        tensors = [lin.weight for lin in parts] + [lin.bias for lin in parts if lin.bias is not None]
+        tensors = [lin.weight for lin in parts]
+        tensors += [lin.bias for lin in parts if lin.bias is not None]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         key = None
         if not needs_grad:

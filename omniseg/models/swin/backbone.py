@@ -55,7 +55,9 @@ class SwinPatchEmbeddings(nn.Module):
     def __init__(self, *, num_channels: int, embed_dim: int, patch_size: tuple[int, int]) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.projection = nn.Conv2d(num_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.projection = nn.Conv2d(
+            num_channels, embed_dim, kernel_size=patch_size, stride=patch_size
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> ``[B, C, ceil(H/p), ceil(W/p)]`` (zero-padded bottom/right)."""
@@ -84,7 +86,8 @@ class SwinEmbeddings(nn.Module):
             self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches, config.embed_dim))
         else:
             self.position_embeddings = None
-        self.dropout = nn.Dropout(config.hidden_dropout_prob) if config.hidden_dropout_prob > 0 else nn.Identity()
+        dropout = config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> channels-last tokens ``[B, ceil(H/p), ceil(W/p), C]``."""

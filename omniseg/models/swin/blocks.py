@@ -85,7 +85,6 @@ class SwinBlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.window_size = window_size
         self.shifted = shifted
         hidden = int(mlp_ratio * dim)
         self.layernorm_before = nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -143,14 +142,17 @@ class PatchMerging(nn.Module):
         # Channel order of the checkpoint's reduction: (row, col) = (0,0), (1,0), (0,1), (1,1),
         # i.e. column-parity major. One permute + copy instead of four strided slices + cat.
         grid = features.view(batch, height // 2, 2, width // 2, 2, channels)
-        merged = grid.permute(0, 1, 3, 4, 2, 5).reshape(batch, height // 2, width // 2, 4 * channels)
+        merged = grid.permute(0, 1, 3, 4, 2, 5).reshape(
+            batch, height // 2, width // 2, 4 * channels
+        )
         return self.reduction(self.norm(merged))
 
 
 def stage_windowing(
     height: int, width: int, window_size: int, *, always_partition: bool
 ) -> tuple[int, int]:
-    """Window side and shift for the shifted blocks of a stage at ``height x width``.
+    """Window side of a stage's blocks at ``height x width``, and the shift of its
+    shifted blocks.
 
     With ``always_partition`` (what the reference backbone does, and what Mask2Former was
     trained with) the configured window is used at every resolution, padding small maps.

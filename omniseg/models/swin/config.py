@@ -89,7 +89,9 @@ class SwinConfig(ModelConfig):
         indices = None if self.out_indices is None else list(self.out_indices)
         if indices is not None:
             if any(not -len(names) <= i < len(names) for i in indices):
-                raise ValueError(f"SwinConfig: out_indices {indices} out of range for stages {names}")
+                raise ValueError(
+                    f"SwinConfig: out_indices {indices} out of range for stages {names}"
+                )
             from_indices = [names[i] for i in indices]
         if features is not None:
             unknown = [f for f in features if f not in names]
@@ -103,7 +105,8 @@ class SwinConfig(ModelConfig):
             indices = [names.index(f) for f in features]
         elif features != from_indices:
             raise ValueError(
-                f"SwinConfig: out_features {features} and out_indices {indices} name different stages"
+                f"SwinConfig: out_features {features} and out_indices {indices} "
+                "name different stages"
             )
         if len(set(features)) != len(features) or features != [n for n in names if n in features]:
             raise ValueError(
