@@ -193,7 +193,9 @@ class PredictionBlock(nn.Module):
         self.add_module("1", activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.get_submodule("1")(self.get_submodule("0")(x))
+        for layer in self.children():
+            x = layer(x)
+        return x
 
 
 class MLPPredictionHead(nn.Module):
@@ -243,8 +245,12 @@ def attention_mask(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
     Returns:
         bool ``[B, 1, Q, height * width]``, True where attention is allowed.
     """
-    resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-    attend = resized.flatten(2).sigmoid() >= 0.5
+    batch, queries, height, width = mask_logits.shape
+    # One channel per image (the same maths): PyTorch's CPU kernel would otherwise copy the
+    # Q-channel maps to channels-last and back, costing more than the resize itself.
+    single_channel = mask_logits.detach().reshape(batch * queries, 1, height, width)
+    resized = F.interpolate(single_channel, size=size, mode="bilinear", align_corners=False)
+    attend = resized.view(batch, queries, -1).sigmoid() >= 0.5
     attend |= ~attend.any(-1, keepdim=True)
     return attend[:, None]
 
