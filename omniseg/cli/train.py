@@ -1,0 +1,151 @@
+"""``omniseg train``: fine-tune a checkpoint or train a config from scratch on a dataset folder.
+
+    omniseg train --model path/or/hub-id --data DATASET --out OUT [--epochs N | --max-steps N]
+    torchrun --nproc-per-node 2 -m omniseg train ...      # data-parallel, same arguments
+
+``DATASET`` is a semantic folder (``images/<split>``, ``labels/<split>``, ``id2label.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omniseg.errors import OmnisegError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune or train a model on a dataset folder",
+        description="Fine-tune a checkpoint (a new id2label from the dataset replaces the class head "
+        "when labels differ) or train from a config.json; resumable, data-parallel under torchrun.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory / hub id, or a config.json")
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder (images/, labels/, id2label.json)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (model, log.jsonl, checkpoints/)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="epochs to train (default 1 when --max-steps is not given)")
+    length.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr multiplier (default 0.1)")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--poly-power", type=float, default=1.0)
+    parser.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0 disables)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
+    parser.add_argument("--eval-every", type=int, default=None, help="evaluate (mean IoU) every N steps")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="default: --eval-every, else every epoch")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--crop-size", type=int, nargs="+", default=[512], metavar="N",
+                        help="training crop: one size (square) or HEIGHT WIDTH (default 512)")
+    parser.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
+    parser.add_argument("--no-color-jitter", action="store_true")
+    parser.add_argument("--ignore-index", type=int, default=255, help="the dataset's unlabelled value (CamVid: 11)")
+    parser.add_argument("--reduce-labels", action="store_true", help="dataset label 0 is background (ignored)")
+    parser.add_argument("--thing-classes", default=None,
+                        help="comma-separated class ids or names: Mask2Former gets one target per connected "
+                        "component of these (instance/panoptic training) instead of one per class")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--eval-split", default="val")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="stop after this step as if interrupted (checkpointed; the schedule still "
+                        "spans the full run), to be continued with --resume")
+    return parser
+
+
+def _thing_ids(text: str | None, id2label: dict[int, str]) -> set[int] | None:
+    if not text:
+        return None
+    label2id = {name: idx for idx, name in id2label.items()}
+    ids = set()
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token.isdigit() and int(token) in id2label:
+            ids.add(int(token))
+        elif token in label2id:
+            ids.add(label2id[token])
+        else:
+            raise OmnisegError(f"--thing-classes: {token!r} is neither a class id nor a class name of the dataset")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    from omniseg.data.augment import ColorJitter, TrainAugmentation
+    from omniseg.data.dataset import SegmentationDataset, folder_samples, read_id2label
+    from omniseg.train.distributed import cleanup, init_distributed
+    from omniseg.train.setup import load_for_training
+    from omniseg.train.trainer import Trainer, TrainingArguments
+
+    try:
+        dist_info = init_distributed(args.device)
+        id2label = read_id2label(args.data)
+        model, processor, model_type, reinitialised = load_for_training(args.model, id2label=id2label, seed=args.seed)
+        crop = tuple(args.crop_size) if len(args.crop_size) == 2 else (args.crop_size[0], args.crop_size[0])
+        if len(args.crop_size) > 2:
+            raise OmnisegError("--crop-size takes one or two numbers")
+        if model_type == "mask2former" and (crop[0] % 32 or crop[1] % 32):
+            raise OmnisegError(f"--crop-size {crop} must be a multiple of 32 for Mask2Former (Swin strides)")
+        things = _thing_ids(args.thing_classes, id2label)
+        common = dict(num_labels=len(id2label), ignore_index=args.ignore_index, reduce_labels=args.reduce_labels)
+        train_set = SegmentationDataset(
+            folder_samples(args.data, args.train_split),
+            augment=TrainAugmentation(
+                crop_size=crop,
+                scale_range=tuple(args.scale_range),
+                color_jitter=None if args.no_color_jitter else ColorJitter(),
+            ),
+            seed=args.seed,
+            thing_ids=things if model_type == "mask2former" else None,
+            **common,
+        )
+        eval_set = None
+        if args.eval_every:
+            eval_set = SegmentationDataset(folder_samples(args.data, args.eval_split), **common)
+        training_args = TrainingArguments(
+            out=args.out,
+            max_steps=args.max_steps,
+            epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 1,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            backbone_lr_multiplier=args.backbone_lr_mult,
+            warmup_steps=args.warmup_steps,
+            poly_power=args.poly_power,
+            clip_grad_norm=args.clip_grad or None,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            log_every=args.log_every,
+            checkpoint_every=args.checkpoint_every,
+            num_workers=args.num_workers,
+            mixed_precision=not args.no_amp,
+            resume=args.resume,
+            stop_at_step=args.stop_at_step,
+            progress=not args.no_progress,
+        )
+        if reinitialised and dist_info.is_main:
+            print(f"new classes from {args.data / 'id2label.json'}: re-initialised {', '.join(reinitialised)}",
+                  file=sys.stderr)
+        trainer = Trainer(model, processor, model_type, train_set, eval_set, training_args, dist_info)
+        summary = trainer.train()
+    except OmnisegError as exc:
+        print(f"omniseg train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        best = summary["best_metric"]
+        done = "finished" if summary["step"] >= trainer.total_steps else "stopped"
+        line = f"{done} at step {summary['step']}/{trainer.total_steps}, last loss {summary['last_loss']:.4f}"
+        if best is not None:
+            line += f", best mean IoU {best:.4f} at step {summary['best_step']}"
+        print(f"{line}; output in {args.out}")
+    return 0

@@ -1,0 +1,267 @@
+"""``omniseg train`` end to end with tiny models on real CamVid frames.
+
+Every run here is a real run of the command (in-process through ``omniseg.cli.main``, or as
+subprocesses where a kill or ``torchrun`` is the point), on a handful of 360x480 CamVid
+frames scaled down and cropped to 64x64 so the whole file stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from omniseg.cli.main import main as omniseg_main
+from omniseg.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--crop-size", "64", "--scale-range", "0.2", "0.2", "--no-progress", "--log-every", "1", "--ignore-index", "11"]
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def frames(camvid_dir: Path, tmp_path_factory) -> Path:
+    """A small dataset folder: 4 training and 2 validation CamVid frames (symlinks)."""
+    root = tmp_path_factory.mktemp("camvid_small")
+    for split, count in (("train", 4), ("val", 2)):
+        for kind in ("images", "labels"):
+            (root / kind / split).mkdir(parents=True)
+        for image in sorted((camvid_dir / "images" / split).glob("*.png"))[:count]:
+            (root / "images" / split / image.name).symlink_to(image)
+            (root / "labels" / split / image.name).symlink_to(camvid_dir / "labels" / split / image.name)
+    (root / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    return root
+
+
+@pytest.fixture(scope="module")
+def mask2former_dir(tmp_path_factory) -> Path:
+    """A tiny reference Mask2Former checkpoint (5 classes: fine-tuning replaces the head),
+    with fewer loss points than the default 12544 so steps are fast."""
+    from reference_models import build_reference_mask2former
+
+    directory = build_reference_mask2former(tmp_path_factory.mktemp("m2f") / "model", perturb=0.02)
+    config = json.loads((directory / "config.json").read_text())
+    config["train_num_points"] = 256
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def segformer_config(tmp_path_factory) -> Path:
+    """A tiny SegFormer ``config.json`` (training from scratch) with its processor beside it.
+    Dropout and stochastic depth are off so that runs are comparable step by step."""
+    transformers = pytest.importorskip("transformers")
+    from omniseg.processing.segformer import SegformerImageProcessor
+
+    directory = tmp_path_factory.mktemp("segformer_config")
+    config = transformers.SegformerConfig(
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 24, 32],
+        num_attention_heads=[1, 2, 3, 4],
+        sr_ratios=[8, 4, 2, 1],
+        decoder_hidden_size=16,
+        num_labels=2,
+        classifier_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    ).to_dict()
+    (directory / "config.json").write_text(json.dumps(config))
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(directory)
+    return directory / "config.json"
+
+
+def train(*args: str | Path) -> int:
+    return omniseg_main(["train", *map(str, args)])
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def _mean_iou(model_dir: Path, data: Path) -> float:
+    """Mean IoU of a saved model on the ``val`` frames, computed directly."""
+    import omniseg
+    from omniseg.evaluation import SemanticSegmentationMetric
+
+    model, processor = omniseg.load_model(model_dir), omniseg.load_processor(model_dir)
+    metric = SemanticSegmentationMetric(num_labels=11, ignore_index=11)
+    for image_path in sorted((data / "images" / "val").iterdir()):
+        label = np.array(Image.open(data / "labels" / "val" / image_path.name))
+        with torch.no_grad():
+            outputs = model(**processor(Image.open(image_path).convert("RGB")))
+        metric.update(processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0], label)
+    return metric.compute()["mean_iou"]
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_mask2former_fine_tuning_loss_falls_and_reference_loads_it(frames, mask2former_dir, tmp_path) -> None:
+    out = tmp_path / "m2f"
+    assert train("--model", mask2former_dir, "--data", frames, "--out", out, "--max-steps", "10",
+                 "--batch-size", "2", "--lr", "3e-3", "--clip-grad", "0", "--backbone-lr-mult", "1",
+                 "--no-color-jitter", "--eval-every", "5", *FAST) == 0
+    log = read_log(out)
+    losses = [r["loss"] for r in log]
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.92 * np.mean(losses[:3]), losses
+    evals = [r for r in log if "eval_mean_iou" in r]
+    assert [r["step"] for r in evals] == [5, 10] and all(0 <= r["eval_mean_iou"] <= 1 for r in evals)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "checkpoints" / "latest.json").is_file()
+
+    # The saved model (new 11-class head) loads in omniseg and in the reference, same logits.
+    import omniseg
+    from transformers import Mask2FormerForUniversalSegmentation as Reference
+
+    ours = omniseg.load_model(out)
+    reference = Reference.from_pretrained(out).eval()
+    assert ours.config.id2label[8] == "car" and reference.config.id2label[8] == "car"
+    processor = omniseg.load_processor(out)
+    image = Image.open(sorted((frames / "images" / "val").iterdir())[0]).convert("RGB")
+    inputs = processor(image)
+    with torch.no_grad():
+        got = ours(inputs["pixel_values"])
+        expected = reference(pixel_values=inputs["pixel_values"])
+    assert got.class_queries_logits.shape[-1] == 12
+    torch.testing.assert_close(got.class_queries_logits, expected.class_queries_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.masks_queries_logits, expected.masks_queries_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_segformer_from_config_loss_falls(frames, segformer_config, tmp_path) -> None:
+    out = tmp_path / "seg"
+    assert train("--model", segformer_config, "--data", frames, "--out", out, "--max-steps", "12",
+                 "--batch-size", "2", "--lr", "1e-2", "--clip-grad", "0", "--backbone-lr-mult", "1",
+                 "--no-color-jitter", *FAST) == 0
+    losses = [r["loss"] for r in read_log(out)]
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+    import omniseg
+
+    model = omniseg.load_model(out)
+    assert model.config.num_labels == 11
+
+
+def test_mask2former_stop_and_resume_equals_uninterrupted_run(frames, mask2former_dir, tmp_path) -> None:
+    """Mask2Former's loss draws random points from the global RNG, so this also checks that
+    the RNG state and the data position are restored exactly."""
+    common = ["--model", mask2former_dir, "--data", frames, "--max-steps", "5", "--batch-size", "2",
+              "--lr", "1e-3", "--checkpoint-every", "1", *FAST]
+    assert train(*common, "--out", tmp_path / "full") == 0
+    assert train(*common, "--out", tmp_path / "cut", "--stop-at-step", "3") == 0
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    assert train(*common, "--out", tmp_path / "cut", "--resume") == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    full_log, cut_log = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut_log] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in full_log] == [r["loss"] for r in cut_log]
+
+
+def test_killed_process_resumes_to_the_same_weights(frames, segformer_config, tmp_path) -> None:
+    """A real SIGKILL part-way (data-loader worker processes on), then ``--resume``."""
+    common = [sys.executable, "-m", "omniseg", "train", "--model", str(segformer_config), "--data", str(frames),
+              "--max-steps", "40", "--batch-size", "2", "--lr", "1e-3", "--checkpoint-every", "1",
+              "--num-workers", "1", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*common, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    victim = subprocess.Popen([*common, "--out", str(tmp_path / "cut")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "cut" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 5:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = json.loads(pointer.read_text())["step"]
+    assert 5 <= killed_at < 40
+    subprocess.run([*common, "--out", str(tmp_path / "cut"), "--resume"], check=True, env=env, capture_output=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert [r["step"] for r in read_log(tmp_path / "cut")] == list(range(1, 41))
+
+
+def test_two_process_gloo_run_agrees_with_one_process_accumulating(frames, segformer_config, tmp_path) -> None:
+    """``torchrun --nproc-per-node 2`` with batch 2 per process against one process with
+    batch 2 and 2-step accumulation: the same global batch of 4, in the same micro-batches."""
+    common = ["--model", str(segformer_config), "--data", str(frames), "--max-steps", "3", "--batch-size", "2",
+              "--lr", "1e-3", "--eval-every", "3", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "omniseg", "train", *common, "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train(*common, "--out", tmp_path / "single", "--grad-accum", "2") == 0
+    # Trained parameters agree. Batch-norm running statistics are buffers, not trained: under
+    # DDP (no SyncBatchNorm on CPU) rank 0's are kept, estimated from its micro-batches only.
+    ddp_weights, single_weights = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    # Biases that only shift channels just before a batch norm (the decode head's per-stage
+    # projections, and the last encoder norm that feeds one) have an exactly zero gradient in
+    # exact arithmetic; AdamW turns their rounding noise into full-size steps, so they differ
+    # between any two runs that add gradients in a different order. Everything else agrees.
+    no_signal = {f"decode_head.linear_c.{i}.proj.bias" for i in range(4)} | {"segformer.encoder.layer_norm.3.bias"}
+    trained = {k for k in ddp_weights if not k.endswith(stats) and k not in no_signal}
+    assert len(trained) > 30
+    assert_same_weights({k: ddp_weights[k] for k in trained}, {k: single_weights[k] for k in trained}, atol=1e-5)
+    ddp_log, single_log = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
+    np.testing.assert_allclose([r["loss"] for r in ddp_log], [r["loss"] for r in single_log], rtol=1e-5)
+    # Evaluation counts were summed over ranks (each rank saw one of the two val frames):
+    # the logged metric is that of one process evaluating the saved model on both frames.
+    assert ddp_log[-1]["eval_mean_iou"] == pytest.approx(_mean_iou(tmp_path / "ddp", frames), abs=1e-9)
+    # Rank 0 alone wrote, and it saved both ranks' RNG states.
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["world_size"] == 2
+
+
+def test_nan_loss_stops_with_a_clear_message(frames, segformer_config, tmp_path, capsys, monkeypatch) -> None:
+    from omniseg.models.segformer import SegformerForSemanticSegmentation
+
+    monkeypatch.setattr(SegformerForSemanticSegmentation, "loss", lambda self, logits, labels: logits.sum() * float("nan"))
+    status = train("--model", segformer_config, "--data", frames, "--out", tmp_path / "nan", "--max-steps", "2", *FAST)
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "loss became nan at step 1" in err and "Lower --lr" in err
+
+
+def test_bad_label_file_is_named(frames, tmp_path) -> None:
+    from omniseg.data.dataset import SegmentationDataset, folder_samples
+
+    root = tmp_path / "bad"
+    for kind in ("images", "labels"):
+        (root / kind / "train").mkdir(parents=True)
+    image = sorted((frames / "images" / "train").iterdir())[0]
+    (root / "images" / "train" / image.name).symlink_to(image.resolve())
+    (root / "labels" / "train" / image.name).write_bytes(b"not a png")
+    dataset = SegmentationDataset(folder_samples(root, "train"), num_labels=11, ignore_index=11)
+    with pytest.raises(InputError, match="bad/labels/train"):
+        dataset[0]
+    Image.fromarray(np.full((360, 480), 40, dtype=np.uint8)).save(root / "labels" / "train" / image.name)
+    with pytest.raises(InputError, match=r"label values \[40\] are outside the 11 classes"):
+        dataset[0]
