@@ -182,16 +182,24 @@ def post_process_instance_segmentation(
             queries, pair_to_query = torch.unique(top_queries[candidates], return_inverse=True)
             logits = _to_reference_size(mask_logits[i, queries])  # [U, 384, 384]
             binary = logits > 0
-            binary_f = binary.to(logits.dtype).flatten(1)
-            mask_scores = (logits.sigmoid().flatten(1) * binary_f).sum(1) / (binary_f.sum(1) + 1e-6)
+            # Mean sigmoid inside the mask: the same values summed as the reference's
+            # sigmoid * mask product, without materialising a float copy of the mask.
+            inside = logits.sigmoid_().masked_fill_(~binary, 0.0).flatten(1)
+            area = binary.flatten(1).sum(1, dtype=torch.int32).to(logits.dtype)
+            mask_scores = inside.sum(1) / (area + 1e-6)
             pair_scores = top_scores[candidates] * mask_scores[pair_to_query]
             # Score and emptiness (of the mask as nearest-resized to the output size) of each pair.
             passing = pair_scores.double() >= threshold  # Python-float comparison, as .item()
-            sampled = binary[:, rows.unique()][:, :, cols.unique()]
+            sampled_rows, sampled_cols = rows.unique(), cols.unique()
+            sampled = binary
+            if sampled_rows.numel() < REFERENCE_MASK_SIZE[0]:
+                sampled = sampled.index_select(1, sampled_rows)
+            if sampled_cols.numel() < REFERENCE_MASK_SIZE[1]:
+                sampled = sampled.index_select(2, sampled_cols)
             non_empty = sampled.flatten(1).any(dim=1)[pair_to_query]
             keep = torch.nonzero(passing & non_empty).flatten()
             if keep.numel() > 0:
-                kept = binary[pair_to_query[keep]]  # [K, 384, 384] in segment order
+                kept = binary.index_select(0, pair_to_query[keep])  # [K, 384, 384] in segment order
                 labels_kept = top_labels[candidates[keep]].tolist()
                 for seg_id, (label, score) in enumerate(zip(labels_kept, pair_scores[keep].tolist())):
                     segments.append({"id": seg_id, "label_id": int(label), "was_fused": False, "score": round(score, 6)})
@@ -296,7 +304,7 @@ def post_process_panoptic_segmentation(
             results.append({"segmentation": torch.full(size, -1.0, device=class_logits.device), "segments_info": []})
             continue
         scores, labels = pred_scores[i][keep], pred_labels[i][keep]
-        probs = _to_reference_size(mask_logits[i][keep]).sigmoid()  # [K, 384, 384]
+        probs = _to_reference_size(mask_logits[i][keep]).sigmoid_()  # [K, 384, 384]
         if target is not None:
             probs = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
         probs.mul_(scores.view(-1, 1, 1))
