@@ -9,6 +9,7 @@ import sys
 # command name -> module defining add_parser(subparsers) and run(args) -> exit status
 COMMANDS = {
     "segment": "omniseg.cli.segment",
+    "evaluate": "omniseg.cli.evaluate",
     "train": "omniseg.cli.train",
 }
 
