@@ -238,3 +238,31 @@ def test_nan_to_num_and_errors() -> None:
         mean_iou([np.full((2, 2), 0.3)], [np.zeros((2, 2), int)], 3, 255)
     with pytest.raises(ValueError, match="1 references"):
         mean_iou([np.zeros((2, 2), int)] * 2, [np.zeros((2, 2), int)], 3, 255)
+
+
+def _all_reduce_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        rng = np.random.default_rng(rank)  # each rank sees different data
+        metric = SemanticSegmentationMetric(num_labels=4, ignore_index=255)
+        metric.update(rng.integers(0, 4, (30, 40)), rng.integers(0, 5, (30, 40)).astype(np.uint8))  # 4: out of range
+        metric.all_reduce()
+        np.save(Path(out_dir) / f"rank{rank}.npy", metric.confusion.extended.numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_reduce_sums_over_processes(tmp_path: Path) -> None:
+    """Two gloo processes: after all_reduce each holds the sum of both ranks' counts."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = SemanticSegmentationMetric(num_labels=4, ignore_index=255)
+    for rank in range(2):
+        rng = np.random.default_rng(rank)
+        expected.update(rng.integers(0, 4, (30, 40)), rng.integers(0, 5, (30, 40)).astype(np.uint8))  # 4: out of range
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), expected.confusion.extended.numpy())
