@@ -5,13 +5,15 @@ read from the level's feature map by bilinear interpolation (``align_corners=Fal
 zeros outside the map), and the points' values are summed with the query's attention
 weights. This is what the reference computes with one ``grid_sample`` per level.
 
-Here the interpolation and the weighted sum are one fused sparse read: every sampled point
-contributes its four neighbouring pixels, each with weight ``attention * bilinear weight``
-(zero when the pixel lies outside the map), and ``F.embedding_bag`` with
+Here the interpolation and the weighted sum are one sparse read per level: every sampled
+point contributes its four neighbouring pixels, each with weight ``attention * bilinear
+weight`` (zero when the pixel lies outside the map), and ``F.embedding_bag`` with
 ``per_sample_weights`` gathers and sums those rows of the flattened values without
 materialising the sampled values. The values are read in place in their ``[B, S, H, D]``
-layout, and the result comes out in ``[B, Q, H * D]`` with no permutes. Gradients flow to the
-values, the attention weights and (through the bilinear weights) the sampling locations.
+layout and the result comes out as ``[B, Q, H * D]``, with no permutes; the per-level loop
+keeps the index arithmetic on contiguous tensors with scalar operands, which is where the
+time would otherwise go. Gradients flow to the values, the attention weights and (through
+the bilinear weights) the sampling locations.
 """
 
 from __future__ import annotations
@@ -43,49 +45,46 @@ def multi_scale_deformable_attention(
         ``[B, Q, H * D]``: for each query, the heads' weighted sums, concatenated.
     """
     batch, seq_len, heads, head_dim = value.shape
-    num_queries = sampling_locations.shape[1]
-    device, dtype = value.device, sampling_locations.dtype
-
-    # Per-level constants, shaped [L, 1] to broadcast against [B, Q, H, L, P].
-    sizes = torch.tensor(spatial_shapes, device=device, dtype=dtype)
-    heights, widths = sizes[:, :1], sizes[:, 1:]
-    level_starts = torch.cumsum(heights * widths, 0) - heights * widths
-
-    # Pixel coordinates with pixel centres at integers (align_corners=False); the sample
-    # lies between columns x0, x0 + 1 and rows y0, y0 + 1.
-    x = sampling_locations[..., 0] * widths - 0.5  # [B, Q, H, L, P]
-    y = sampling_locations[..., 1] * heights - 0.5
-    x0 = x.floor()
-    y0 = y.floor()
-    fx = x - x0
-    fy = y - y0
-    # Bilinear weights, zero for neighbours outside the map (zero padding).
-    wx0 = (1 - fx) * ((x0 >= 0) & (x0 < widths))
-    wx1 = fx * ((x0 >= -1) & (x0 < widths - 1))
-    wy0 = (1 - fy) * ((y0 >= 0) & (y0 < heights))
-    wy1 = fy * ((y0 >= -1) & (y0 < heights - 1))
-    weights = torch.stack((wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), dim=-1)
-    weights = weights * attention_weights[..., None]  # [B, Q, H, L, P, 4]
-
-    # Row of each neighbour in ``value`` viewed as [B * S * H, D]: ((b * S + s) * H + h),
-    # with s = level start + row * width + column (exact in floating point for any
-    # realistic S). The neighbours of (x0, y0) are 1 column and ``width`` positions away.
-    # A neighbour outside the map may point at another pixel, or past the ends (hence the
-    # clamp): its weight is zero, so it adds nothing.
-    position = (level_starts + y0 * widths + x0).long()
-    batch_offset = torch.arange(batch, device=device).view(batch, 1, 1, 1, 1) * seq_len
-    head_offset = torch.arange(heads, device=device).view(1, 1, heads, 1, 1)
-    rows = (batch_offset + position) * heads + head_offset  # [B, Q, H, L, P]
-    neighbour_offsets = (
-        torch.tensor([0, 1], device=device).repeat(2) + widths.long() * torch.tensor([0, 0, 1, 1], device=device)
-    ) * heads  # [L, 4]
-    rows = (rows[..., None] + neighbour_offsets[:, None, :]).clamp_(0, batch * seq_len * heads - 1)
-
-    points_per_query = weights[0, 0, 0].numel()  # L * P * 4
-    output = F.embedding_bag(
-        rows.view(-1, points_per_query),
-        value.reshape(-1, head_dim),
-        per_sample_weights=weights.reshape(-1, points_per_query).to(value.dtype),
-        mode="sum",
+    num_queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
+    table = value.reshape(batch * seq_len * heads, head_dim)  # row (b * S + s) * H + h
+    # Row of position s = 0 for each (batch, head): [B, 1, H, 1] against [B, Q, H, P].
+    batch_head_rows = (
+        torch.arange(batch, device=value.device).view(batch, 1, 1, 1) * (seq_len * heads)
+        + torch.arange(heads, device=value.device).view(1, 1, heads, 1)
     )
+    output = None
+    level_start = 0
+    for level, (height, width) in enumerate(spatial_shapes):
+        # Pixel coordinates with pixel centres at integers (align_corners=False); the
+        # sample lies between columns x0, x0 + 1 and rows y0, y0 + 1.
+        x = sampling_locations[:, :, :, level, :, 0] * width - 0.5  # [B, Q, H, P]
+        y = sampling_locations[:, :, :, level, :, 1] * height - 0.5
+        x0 = x.floor()
+        y0 = y.floor()
+        fx = x - x0
+        fy = y - y0
+        # Bilinear weights, zero for neighbours outside the map (zero padding); the
+        # attention weight is folded into the row weights.
+        attention = attention_weights[:, :, :, level]
+        wx0 = (1 - fx) * ((x0 >= 0) & (x0 < width))
+        wx1 = fx * ((x0 >= -1) & (x0 < width - 1))
+        wy0 = (1 - fy) * ((y0 >= 0) & (y0 < height)) * attention
+        wy1 = fy * ((y0 >= -1) & (y0 < height - 1)) * attention
+        weights = torch.stack((wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), dim=-2)  # [B, Q, H, 4, P]
+
+        # Rows of the four neighbours in ``table``. A neighbour outside the map may point
+        # at another pixel, or past the table's ends (hence the clamp): its weight is zero.
+        top_left = batch_head_rows + (level_start + y0.long() * width + x0.long()) * heads
+        rows = torch.stack(
+            (top_left, top_left + heads, top_left + width * heads, top_left + (width + 1) * heads), dim=-2
+        ).clamp_(0, table.shape[0] - 1)
+
+        sampled = F.embedding_bag(
+            rows.view(-1, points * 4),
+            table,
+            per_sample_weights=weights.view(-1, points * 4).to(value.dtype),
+            mode="sum",
+        )  # [B * Q * H, D]
+        output = sampled if output is None else output + sampled
+        level_start += height * width
     return output.view(batch, num_queries, heads * head_dim)
