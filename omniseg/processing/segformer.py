@@ -14,10 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from omniseg.io.images import load_image
 from omniseg.processing import transforms
@@ -118,7 +116,7 @@ class SegformerImageProcessor(ImageProcessor):
                 image = load_image(image)
             tensor = transforms.to_chw_tensor(image, convert_rgb=convert_rgb)
             if self.do_resize:
-                tensor = _resize_image(tensor, self._target_size(*tensor.shape[-2:]), self.resample)
+                tensor = transforms.resize(tensor, self._target_size(*tensor.shape[-2:]), self.resample)
             resized.append(tensor)
         _check_same_shape(resized, "images")
         batch = torch.stack(resized)
@@ -174,25 +172,6 @@ class SegformerImageProcessor(ImageProcessor):
             )
             maps.append(upsampled[0].max(dim=0).indices)
         return maps
-
-
-def _resize_image(image: torch.Tensor, size: tuple[int, int], resample: Any) -> torch.Tensor:
-    """Resize ``[C, H, W]`` to ``size``; uint8 RGB or gray images go through PIL.
-
-    The reference's default SegFormer processor (its PIL backend, used whenever torchvision
-    is absent, and the historical behaviour behind published SegFormer results) resizes
-    uint8 images with PIL. torch's uint8 anti-aliased kernel differs from PIL by one level
-    on a few values, enough to flip near-tie pixels of the final class map, so PIL is used
-    here to give identical segmentations. Other inputs use :func:`transforms.resize`.
-    """
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    if image.dtype == torch.uint8 and image.shape[0] in (1, 3):
-        array = image.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(array[..., 0] if image.shape[0] == 1 else array)
-        out = np.asarray(pil.resize((size[1], size[0]), resample=transforms.resample_code(resample)))
-        return torch.from_numpy(out.reshape(size[0], size[1], -1).copy()).permute(2, 0, 1)
-    return transforms.resize(image, size, resample=resample)
 
 
 def _as_list(items: Any) -> list[Any]:

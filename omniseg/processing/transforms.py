@@ -301,14 +301,28 @@ def resample_code(resample: int | str | None) -> int:
 
 
 def _resize_with_pil(image: torch.Tensor, size: tuple[int, int], code: int) -> torch.Tensor:
-    """Per-channel PIL resize for filters torch lacks (box, hamming, lanczos) on uint8 images."""
-    if image.dtype != torch.uint8:
-        raise ValueError("box/hamming/lanczos resampling is only supported for uint8 images")
-    flat = image.reshape(-1, *image.shape[-2:]).cpu().numpy()
-    out = np.stack(
-        [np.asarray(Image.fromarray(ch).resize((size[1], size[0]), resample=code)) for ch in flat]
-    )
-    return torch.from_numpy(out).reshape(*image.shape[:-2], *size).to(image.device)
+    """PIL resize of a uint8 ``[..., H, W]`` tensor, one PIL call per image (or per channel).
+
+    The reference's PIL backend (its default whenever torchvision is absent, and the
+    behaviour published results were produced with) resizes uint8 images and label maps
+    with PIL; torch's uint8 kernel differs from it by one level on a few values, enough to
+    flip near-tie pixels of a final segmentation. Going through PIL gives identical answers.
+    """
+    lead = image.shape[:-3] if image.ndim >= 3 else ()
+    chw = image.reshape(-1, *image.shape[-3:]) if image.ndim >= 3 else image.reshape(1, 1, *image.shape)
+    outputs = []
+    for item in chw.cpu().numpy():
+        if item.shape[0] == 3:
+            resized = np.asarray(Image.fromarray(np.ascontiguousarray(item.transpose(1, 2, 0))).resize((size[1], size[0]), resample=code))
+            outputs.append(resized.transpose(2, 0, 1))
+        else:
+            outputs.append(
+                np.stack([np.asarray(Image.fromarray(ch).resize((size[1], size[0]), resample=code)) for ch in item])
+            )
+    out = torch.from_numpy(np.ascontiguousarray(np.stack(outputs)))
+    if image.ndim < 3:
+        return out.reshape(*size).to(image.device)
+    return out.reshape(*lead, image.shape[-3], *size).to(image.device)
 
 
 def resize(
@@ -319,17 +333,21 @@ def resize(
 ) -> torch.Tensor:
     """Resize ``[..., H, W]`` (e.g. ``[C, H, W]`` or ``[B, C, H, W]``) to ``size = (height, width)``.
 
-    Bilinear/bicubic are anti-aliased when downscaling (PIL-like, as the reference's default
-    backend); uint8 stays uint8 (exact uint8 kernel for bilinear on CPU, else rounding and
-    clamping). Nearest is "nearest-exact" (pixel-centre sampling), right for label maps of any
-    integer dtype. Returns a tensor of the input's dtype.
+    uint8 images, and integer label maps whose values fit in uint8, are resized by PIL (see
+    :func:`_resize_with_pil`). Other inputs use torch: bilinear/bicubic anti-aliased when
+    downscaling, like PIL; nearest is "nearest-exact" (pixel-centre sampling), right for
+    label maps of any integer dtype. Returns a tensor of the input's dtype.
     """
     height, width = int(size[0]), int(size[1])
     if tuple(image.shape[-2:]) == (height, width):
         return image
     code = resample_code(resample)
-    if code in (BOX, HAMMING) or (code == LANCZOS and image.dtype == torch.uint8):
+    if image.dtype == torch.uint8 and image.device.type == "cpu":
         return _resize_with_pil(image, (height, width), code)
+    if code == NEAREST and not image.is_floating_point() and _fits_uint8(image):
+        return _resize_with_pil(image.to(torch.uint8), (height, width), code).to(image.dtype)
+    if code in (BOX, HAMMING):
+        raise ValueError("box/hamming resampling is only supported for uint8 images")
     if code == LANCZOS:
         code = BICUBIC
     mode = _TORCH_MODES[code]
@@ -357,6 +375,10 @@ def resize(
         )
         out = out.clamp_(info.min, info.max).round_().to(batch.dtype)
     return out.reshape(*lead, height, width)
+
+
+def _fits_uint8(image: torch.Tensor) -> bool:
+    return image.device.type == "cpu" and image.numel() > 0 and 0 <= int(image.min()) and int(image.max()) <= 255
 
 
 def _nearest_exact_indices(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
