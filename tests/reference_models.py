@@ -88,17 +88,22 @@ def reference_mask2former_config(
     dim_feedforward: int = 64,
     encoder_feedforward_dim: int = 64,
     pre_norm: bool = False,
+    feature_size: int | None = None,
+    mask_feature_size: int | None = None,
 ):
     """A ``transformers.Mask2FormerConfig`` for a tiny Swin-backed model.
 
-    ``hidden_dim`` is used for ``feature_size``, ``mask_feature_size`` and ``hidden_dim``;
-    it must be a multiple of 32 (the pixel decoder's GroupNorm has 32 groups).
-    Labels are named ``"label_0"``, ``"label_1"``, ...
+    ``feature_size`` (pixel decoder width) and ``mask_feature_size`` default to
+    ``hidden_dim`` (transformer decoder width); a ``feature_size`` other than ``hidden_dim``
+    adds the transformer decoder's input projections. ``feature_size`` must be a multiple
+    of 32 (the pixel decoder's GroupNorm has 32 groups). Labels are named ``"label_0"``, ...
     """
     from transformers import Mask2FormerConfig, SwinConfig
 
-    if hidden_dim % 32:
-        raise ValueError(f"hidden_dim must be a multiple of 32, got {hidden_dim}")
+    feature_size = hidden_dim if feature_size is None else feature_size
+    mask_feature_size = hidden_dim if mask_feature_size is None else mask_feature_size
+    if feature_size % 32:
+        raise ValueError(f"feature_size must be a multiple of 32, got {feature_size}")
     backbone = SwinConfig(
         image_size=224,
         embed_dim=embed_dim,
@@ -111,8 +116,8 @@ def reference_mask2former_config(
     id2label = {i: f"label_{i}" for i in range(num_labels)}
     return Mask2FormerConfig(
         backbone_config=backbone,
-        feature_size=hidden_dim,
-        mask_feature_size=hidden_dim,
+        feature_size=feature_size,
+        mask_feature_size=mask_feature_size,
         hidden_dim=hidden_dim,
         encoder_feedforward_dim=encoder_feedforward_dim,
         encoder_layers=encoder_layers,
@@ -166,7 +171,8 @@ def build_reference_mask2former(
         **config_kwargs: any keyword of :func:`reference_mask2former_config` (``depths``,
             ``num_heads``, ``window_size``, ``embed_dim``, ``num_queries``, ``num_labels``,
             ``decoder_layers``, ``encoder_layers``, ``hidden_dim``, ``num_attention_heads``,
-            ``dim_feedforward``, ``encoder_feedforward_dim``, ``pre_norm``), e.g. one entry
+            ``dim_feedforward``, ``encoder_feedforward_dim``, ``pre_norm``, ``feature_size``,
+            ``mask_feature_size``), e.g. one entry
             of :data:`TINY_MASK2FORMER_CONFIGS`.
 
     Returns:

@@ -114,10 +114,15 @@ def test_logits_match_reference(reference_dirs, name):
     torch.testing.assert_close(default.masks_queries_logits, ours_out.masks_queries_logits)
 
 
-def test_pre_norm_decoder_matches_reference(tmp_path):
-    directory = build_reference_mask2former(tmp_path / "pre_norm", pre_norm=True, seed=3)
+def test_pre_norm_and_input_projections_match_reference(tmp_path):
+    # Pre-norm decoder layers; pixel decoder wider than the transformer decoder (so the
+    # transformer decoder projects its inputs); mask features of yet another width.
+    directory = build_reference_mask2former(
+        tmp_path / "pre_norm", pre_norm=True, feature_size=64, mask_feature_size=48, seed=3
+    )
     ours = load_model(directory)
     assert ours.config.pre_norm
+    assert isinstance(ours.model.transformer_module.input_projections[0], torch.nn.Conv2d)
     reference = ReferenceMask2Former.from_pretrained(directory).eval()
     assert_same_logits(*run_both(ours, reference, reference_inputs(directory)))
 
