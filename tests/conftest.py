@@ -44,3 +44,11 @@ def small_street_photos(camvid_dir: Path) -> list[Image.Image]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def fitted_mask2former_dir(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny reference Mask2Former fitted for a few steps on CamVid (see fitted_models.py)."""
+    from fitted_models import fit_reference_mask2former
+
+    return fit_reference_mask2former(tmp_path_factory.mktemp("fitted-m2f"), camvid_dir)
