@@ -151,6 +151,21 @@ def test_mask2former_fine_tuning_loss_falls_and_reference_loads_it(frames, mask2
     torch.testing.assert_close(got.masks_queries_logits, expected.masks_queries_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_mask2former_panoptic_targets_report_pq(frames, mask2former_dir, tmp_path) -> None:
+    """--panoptic: connected components of the README's thing classes (car, pedestrian,
+    bicyclist) as instances; evaluation adds PQ next to mean IoU."""
+    (frames / "README.md").write_text("ignore_index 11\nThings (countable objects): car, pedestrian, bicyclist.\n")
+    out = tmp_path / "pan"
+    try:
+        assert train("--model", mask2former_dir, "--data", frames, "--out", out, "--max-steps", "2",
+                     "--batch-size", "2", "--panoptic", "--eval-every", "2", *FAST[:-2]) == 0
+    finally:
+        (frames / "README.md").unlink()
+    last = read_log(out)[-1]
+    assert 0.0 <= last["eval_pq"] <= 1.0 and 0.0 <= last["eval_mean_iou"] <= 1.0
+    assert {"eval_sq", "eval_rq", "eval_pq_things", "eval_pq_stuff"} <= set(last)
+
+
 def test_segformer_from_config_loss_falls(frames, segformer_config, tmp_path) -> None:
     out = tmp_path / "seg"
     assert train("--model", segformer_config, "--data", frames, "--out", out, "--max-steps", "12",

@@ -3,7 +3,9 @@
     omniseg train --model path/or/hub-id --data DATASET --out OUT [--epochs N | --max-steps N]
     torchrun --nproc-per-node 2 -m omniseg train ...      # data-parallel, same arguments
 
-``DATASET`` is a semantic folder (``images/<split>``, ``labels/<split>``, ``id2label.json``).
+``DATASET`` is a semantic folder (``images/<split>``, ``labels/<split>``, ``id2label.json``)
+or a COCO folder (``annotations/panoptic_<split>.json`` with its PNG folder, or
+``annotations/instances_<split>.json``; images in ``<split>/`` or ``images/<split>/``).
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="training crop: one size (square) or HEIGHT WIDTH (default 512)")
     parser.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
     parser.add_argument("--no-color-jitter", action="store_true")
-    parser.add_argument("--ignore-index", type=int, default=255, help="the dataset's unlabelled value (CamVid: 11)")
+    parser.add_argument("--ignore-index", type=int, default=None,
+                        help="the dataset's unlabelled value (default: as its README says, else 255)")
     parser.add_argument("--reduce-labels", action="store_true", help="dataset label 0 is background (ignored)")
+    parser.add_argument("--panoptic", action="store_true",
+                        help="Mask2Former: train on panoptic targets (one per connected component of a thing "
+                        "class, one per stuff class) and report PQ at evaluation")
     parser.add_argument("--thing-classes", default=None,
-                        help="comma-separated class ids or names: Mask2Former gets one target per connected "
-                        "component of these (instance/panoptic training) instead of one per class")
+                        help="comma-separated thing class names or ids for --panoptic (default: the README's)")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--eval-split", default="val")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -62,53 +67,61 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _thing_ids(text: str | None, id2label: dict[int, str]) -> set[int] | None:
-    if not text:
-        return None
-    label2id = {name: idx for idx, name in id2label.items()}
-    ids = set()
-    for token in (t.strip() for t in text.split(",") if t.strip()):
-        if token.isdigit() and int(token) in id2label:
-            ids.add(int(token))
-        elif token in label2id:
-            ids.add(label2id[token])
-        else:
-            raise OmnisegError(f"--thing-classes: {token!r} is neither a class id nor a class name of the dataset")
-    return ids
-
-
 def run(args: argparse.Namespace) -> int:
     from omniseg.data.augment import ColorJitter, TrainAugmentation
-    from omniseg.data.dataset import SegmentationDataset, folder_samples, read_id2label
+    from omniseg.data.coco import CocoSegmentationDataset, coco_reader
+    from omniseg.data.dataset import SegmentationDataset, folder_samples
+    from omniseg.data.semantic import read_dataset_info
     from omniseg.train.distributed import cleanup, init_distributed
     from omniseg.train.setup import load_for_training
     from omniseg.train.trainer import Trainer, TrainingArguments
 
     try:
         dist_info = init_distributed(args.device)
-        id2label = read_id2label(args.data)
+        coco = coco_reader(args.data, args.train_split)
+        if coco is not None:
+            id2label = coco.categories.id2label
+        else:
+            things = args.thing_classes.split(",") if args.thing_classes else None
+            info = read_dataset_info(args.data, ignore_index=args.ignore_index, thing_classes=things)
+            id2label = info.id2label
         model, processor, model_type, reinitialised = load_for_training(args.model, id2label=id2label, seed=args.seed)
         crop = tuple(args.crop_size) if len(args.crop_size) == 2 else (args.crop_size[0], args.crop_size[0])
         if len(args.crop_size) > 2:
             raise OmnisegError("--crop-size takes one or two numbers")
         if model_type == "mask2former" and (crop[0] % 32 or crop[1] % 32):
             raise OmnisegError(f"--crop-size {crop} must be a multiple of 32 for Mask2Former (Swin strides)")
-        things = _thing_ids(args.thing_classes, id2label)
-        common = dict(num_labels=len(id2label), ignore_index=args.ignore_index, reduce_labels=args.reduce_labels)
-        train_set = SegmentationDataset(
-            folder_samples(args.data, args.train_split),
-            augment=TrainAugmentation(
-                crop_size=crop,
-                scale_range=tuple(args.scale_range),
-                color_jitter=None if args.no_color_jitter else ColorJitter(),
-            ),
-            seed=args.seed,
-            thing_ids=things if model_type == "mask2former" else None,
-            **common,
+        augment = TrainAugmentation(
+            crop_size=crop,
+            scale_range=tuple(args.scale_range),
+            color_jitter=None if args.no_color_jitter else ColorJitter(),
         )
-        eval_set = None
-        if args.eval_every:
-            eval_set = SegmentationDataset(folder_samples(args.data, args.eval_split), **common)
+        if coco is not None:
+            # COCO: instance targets from the annotations; PQ at evaluation for Mask2Former.
+            train_set = CocoSegmentationDataset(coco, augment=augment, seed=args.seed)
+            eval_set = None
+            if args.eval_every:
+                eval_reader = coco_reader(args.data, args.eval_split)
+                if eval_reader is None:
+                    raise OmnisegError(f"{args.data}: no COCO annotations for the eval split {args.eval_split!r}")
+                eval_set = CocoSegmentationDataset(eval_reader)
+        else:
+            if args.panoptic and model_type != "mask2former":
+                raise OmnisegError(f"--panoptic needs a mask-classification model (Mask2Former), not {model_type}")
+            if args.panoptic and not info.thing_ids and dist_info.is_main:
+                print("--panoptic: no thing classes (give --thing-classes or list them in the README); "
+                      "every class is one segment", file=sys.stderr)
+            common = dict(num_labels=len(id2label), ignore_index=info.ignore_index, reduce_labels=args.reduce_labels)
+            train_set = SegmentationDataset(
+                folder_samples(args.data, args.train_split),
+                augment=augment,
+                seed=args.seed,
+                thing_ids=info.thing_ids if args.panoptic else None,
+                **common,
+            )
+            eval_set = None
+            if args.eval_every:
+                eval_set = SegmentationDataset(folder_samples(args.data, args.eval_split), **common)
         training_args = TrainingArguments(
             out=args.out,
             max_steps=args.max_steps,

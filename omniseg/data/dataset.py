@@ -215,7 +215,10 @@ class EvalCollator:
         inputs = {"pixel_values": batch["pixel_values"]}
         if "pixel_mask" in batch:
             inputs["pixel_mask"] = batch["pixel_mask"]
-        return {"inputs": inputs, "labels": [item["label"] for item in items]}
+        batch = {"inputs": inputs, "labels": [item["label"] for item in items]}
+        if "instances" in items[0]:
+            batch["instances"] = [(item["instances"], item["instance_id_to_semantic_id"]) for item in items]
+        return batch
 
 
 def folder_samples(root: str | Path, split: str) -> list[Sample]:

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from omniseg.data.dataset import IGNORE, EvalCollator, TrainCollator
 from omniseg.errors import CheckpointError, OmnisegError
-from omniseg.evaluation import SemanticSegmentationMetric
+from omniseg.data.targets import instances_from_semantic
+from omniseg.evaluation import PanopticQuality, SemanticSegmentationMetric
 from omniseg.io.atomic import atomic_open, atomic_write_text
 from omniseg.train import checkpointing
 from omniseg.train.distributed import (
@@ -275,13 +276,19 @@ class Trainer:
             return None
         steps = [r["step"] for r in self.history if "loss" in r]
         losses = [r["loss"] for r in self.history if "loss" in r]
-        evals = [(r["step"], r["eval_mean_iou"]) for r in self.history if r.get("eval_mean_iou") is not None]
-        fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
+        curves = {
+            name: [(r["step"], r[key]) for r in self.history if r.get(key) is not None]
+            for name, key in (("mean IoU", "eval_mean_iou"), ("PQ", "eval_pq"))
+        }
+        curves = {name: points for name, points in curves.items() if points}
+        fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(10 if curves else 5, 3.5), squeeze=False)
         axes[0][0].plot(steps, losses, lw=1)
         axes[0][0].set(xlabel="step", ylabel="training loss", title="loss")
-        if evals:
-            axes[0][1].plot(*zip(*evals), marker="o")
-            axes[0][1].set(xlabel="step", ylabel="mean IoU", title="evaluation mean IoU")
+        if curves:
+            for name, points in curves.items():
+                axes[0][1].plot(*zip(*points), marker="o", label=name)
+            axes[0][1].set(xlabel="step", ylabel="metric", title="evaluation")
+            axes[0][1].legend()
         fig.tight_layout()
         path = self.args.out / "curves.png"
         with atomic_open(path, "wb") as handle:
@@ -344,10 +351,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Streaming semantic metrics on the evaluation set (summed over ranks)."""
+        """Streaming metrics on the evaluation set, counts summed over ranks.
+
+        Semantic metrics (``mean_iou`` ...) always; for a Mask2Former trained on panoptic
+        targets (the training set has ``thing_ids``) also ``pq``, ``sq``, ``rq``, ``pq_things``,
+        ``pq_stuff`` against connected-component ground truth.
+        """
         assert self.eval_dataset is not None
         num_labels = self.model.config.num_labels
         metric = SemanticSegmentationMetric(num_labels=num_labels, ignore_index=IGNORE)
+        things = getattr(self.train_dataset, "thing_ids", None) if self.model_type == "mask2former" else None
+        panoptic = PanopticQuality({c: c in things for c in range(num_labels)}) if things is not None else None
         was_training = self.model.training
         if self.dist.distributed:
             # Each rank's batch-norm running statistics were last updated from its own batch;
@@ -362,9 +376,49 @@ class Trainer:
             sizes = [tuple(label.shape) for label in batch["labels"]]
             predictions = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
             metric.update([p.cpu() for p in predictions], batch["labels"])
+            if panoptic is not None:
+                self._update_panoptic(panoptic, outputs, batch["labels"], things, batch.get("instances"))
         metric.all_reduce()
         self.model.train(was_training)
-        return metric.compute()
+        result = metric.compute()
+        if panoptic is not None:
+            total = PanopticQuality(panoptic.categories)
+            for part in all_gather_objects(panoptic):
+                total.merge(part)
+            pq = total.compute()
+            result.update(
+                pq=pq["All"]["pq"], sq=pq["All"]["sq"], rq=pq["All"]["rq"],
+                pq_things=pq["Things"]["pq"], pq_stuff=pq["Stuff"]["pq"],
+            )
+        return result
+
+    def _update_panoptic(
+        self,
+        metric: Any,
+        outputs: Any,
+        labels: list[torch.Tensor],
+        things: frozenset[int],
+        instances: list[tuple[torch.Tensor, dict[int, int]]] | None,
+    ) -> None:
+        """Count one batch for PQ: predicted panoptic segments against the ground-truth
+        instances (COCO), or the connected components of thing classes (semantic data)."""
+        stuff = {c for c in range(self.model.config.num_labels) if c not in things}
+        results = self.processor.post_process_panoptic_segmentation(
+            outputs, threshold=0.5, label_ids_to_fuse=stuff, target_sizes=[tuple(lab.shape) for lab in labels]
+        )
+        for i, (result, label) in enumerate(zip(results, labels)):
+            if instances is not None:
+                segment_map, mapping = instances[i]
+                segment_map = segment_map.numpy()
+            else:
+                segment_map, mapping = instances_from_semantic(label.numpy(), things, ignore_index=IGNORE)
+            # PanopticQuality's VOID is 0: shift segment ids up by one, unlabelled pixels to 0.
+            gt_ids = np.where(segment_map == IGNORE, 0, segment_map.astype(np.int64) + 1)
+            gt_segments = [{"id": k + 1, "category_id": c} for k, c in mapping.items()]
+            segmentation = result["segmentation"]
+            if segmentation is None:
+                segmentation = torch.full(tuple(label.shape), -1)
+            metric.update(segmentation.cpu().numpy().astype(np.int64), result["segments_info"], gt_ids, gt_segments)
 
     # ------------------------------------------------------------------ training
 
@@ -488,7 +542,9 @@ class Trainer:
                 self.best_metric, self.best_step = float(score), self.step
                 self.save_model(args.out)
             if self.dist.is_main:
-                tqdm.write(f"step {self.step}: eval mean IoU {score:.4f} (best {self.best_metric:.4f} at step {self.best_step})")
+                extra = f", PQ {metrics['pq']:.4f}" if "pq" in metrics else ""
+                tqdm.write(f"step {self.step}: eval mean IoU {score:.4f}{extra} "
+                           f"(best mean IoU {self.best_metric:.4f} at step {self.best_step})")
         if record is not None:
             self._log(record)
         if evaluate:
