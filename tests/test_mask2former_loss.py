@@ -260,3 +260,19 @@ def test_model_without_targets_has_no_loss(tmp_path) -> None:
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 64))
     assert out.loss is None and out.auxiliary_logits is None
+
+
+def test_pairwise_costs_equal_their_definitions() -> None:
+    from omniseg.models.mask2former.matcher import pairwise_dice, pairwise_sigmoid_bce
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, 50, generator=g) * 10  # large logits: the softplus tails matter
+    targets = (torch.rand(4, 50, generator=g) > 0.5).float()
+    naive_bce = torch.stack([
+        torch.stack([torch.nn.functional.binary_cross_entropy_with_logits(q, t) for t in targets])
+        for q in logits
+    ])
+    torch.testing.assert_close(pairwise_sigmoid_bce(logits, targets), naive_bce, rtol=1e-5, atol=1e-5)
+    probs = logits.sigmoid()
+    naive_dice = 1 - (2 * probs @ targets.T + 1) / (probs.sum(-1)[:, None] + targets.sum(-1)[None] + 1)
+    torch.testing.assert_close(pairwise_dice(logits, targets), naive_dice)

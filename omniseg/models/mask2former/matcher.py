@@ -44,15 +44,10 @@ def pairwise_sigmoid_bce(pred_logits: Tensor, targets: Tensor) -> Tensor:
         ``[Q, T]`` costs.
     """
     num_points = pred_logits.shape[1]
-    # The BCE of a logit against label 1 and against label 0 does not depend on the target,
-    # so the pairwise sum over points is two matmuls.
-    pos = F.binary_cross_entropy_with_logits(
-        pred_logits, torch.ones_like(pred_logits), reduction="none"
-    ) / num_points
-    neg = F.binary_cross_entropy_with_logits(
-        pred_logits, torch.zeros_like(pred_logits), reduction="none"
-    ) / num_points
-    return pos @ targets.T + neg @ (1.0 - targets).T
+    # sum_p [t BCE(x, 1) + (1 - t) BCE(x, 0)] with BCE(x, 1) = BCE(x, 0) - x is
+    # sum_p BCE(x, 0) - x . t: one elementwise pass and one matmul for every pair.
+    neg = F.softplus(pred_logits).sum(-1, keepdim=True)  # [Q, 1]
+    return (neg - pred_logits @ targets.T) / num_points
 
 
 def pairwise_dice(pred_logits: Tensor, targets: Tensor) -> Tensor:
@@ -110,15 +105,14 @@ class HungarianMatcher:
             mask_logits: ``[Q, h, w]`` mask logits.
             target_masks: ``[T, H, W]`` binary target masks (any resolution).
             target_classes: ``[T]`` target class ids.
-            coords: ``[P, 2]`` sample points in ``[0, 1]``.
+            coords: ``[1, P, 2]`` sample points in ``[0, 1]``.
         """
         probs = class_logits.softmax(-1)
         cost_class = -probs[:, target_classes]
-        targets = target_masks.to(mask_logits)
-        target_points = point_sample(targets[:, None], coords.expand(len(targets), -1, -1))[:, 0]
-        pred_points = point_sample(mask_logits[:, None], coords.expand(len(mask_logits), -1, -1))[
-            :, 0
-        ]
+        # All masks share the points: sampling them as the channels of one map computes the
+        # bilinear weights once instead of once per mask (same values).
+        target_points = point_sample(target_masks.to(mask_logits)[None], coords)[0]  # [T, P]
+        pred_points = point_sample(mask_logits[None], coords)[0]  # [Q, P]
         cost = (
             self.cost_mask * pairwise_sigmoid_bce(pred_points, target_points)
             + self.cost_class * cost_class
