@@ -281,3 +281,18 @@ def test_bad_label_file_is_named(frames, tmp_path) -> None:
     Image.fromarray(np.full((360, 480), 40, dtype=np.uint8)).save(root / "labels" / "train" / image.name)
     with pytest.raises(InputError, match=r"label values \[40\] are outside the 11 classes"):
         dataset[0]
+
+
+def test_bad_sample_in_a_worker_process_is_reported_with_its_file(frames, segformer_config, tmp_path, capsys) -> None:
+    root = tmp_path / "data"
+    for kind in ("images", "labels"):
+        (root / kind / "train").mkdir(parents=True)
+    for image in sorted((frames / "images" / "train").iterdir()):
+        (root / "images" / "train" / image.name).symlink_to(image.resolve())
+        (root / "labels" / "train" / image.name).write_bytes(b"truncated")
+    (root / "id2label.json").write_text((frames / "id2label.json").read_text())
+    status = train("--model", segformer_config, "--data", root, "--out", tmp_path / "out", "--max-steps", "1",
+                   "--num-workers", "1", *FAST)
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "loading a sample failed" in err and str(root / "labels" / "train") in err

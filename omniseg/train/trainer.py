@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,24 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return _json_safe(value.item())
     return value
+
+
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterate ``loader``; a sample error raised in a worker process comes back from
+    PyTorch as a ``RuntimeError`` holding the worker's traceback, turned here into a
+    :class:`TrainingError` whose message is the original error (which names the file)."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            text = str(exc)
+            if "DataLoader worker" not in text:
+                raise
+            raise TrainingError(f"loading a sample failed: {text.strip().splitlines()[-1]}") from exc
+        yield batch
 
 
 class Trainer:
@@ -369,7 +388,7 @@ class Trainer:
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         self.model.eval()
-        for batch in self._eval_loader():
+        for batch in _batches(self._eval_loader()):
             inputs = _to_device(batch["inputs"], self.device)
             with self._autocast():
                 outputs = self.model(**inputs)
@@ -482,7 +501,7 @@ class Trainer:
         try:
             while self.step < stop:
                 micro_losses: list[float] = []
-                for batch in self._train_loader():
+                for batch in _batches(self._train_loader()):
                     self.batches_done += 1
                     sync = len(micro_losses) + 1 == args.grad_accum
                     micro_losses.append(self._micro_step(batch, sync))
