@@ -195,6 +195,11 @@ class Trainer:
             power=args.poly_power,
         )
         self.ddp_model: nn.Module = self.model
+        if self.dist.distributed and self.device.type == "cuda":
+            # Batch statistics over the global batch, as the recipes train (in place: the
+            # module tree, its type and its state-dict keys stay the same). CPU has no
+            # SyncBatchNorm: there each rank normalises with its own batch.
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self.dist.distributed:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -354,6 +359,11 @@ class Trainer:
                 path,
                 f"stopped mid-epoch with {state['world_size']} process(es), batch {state['batch_size']}, "
                 f"accumulation {state['grad_accum']}; resume with the same settings",
+            )
+        if state["total_steps"] != self.total_steps and self.dist.is_main:
+            tqdm.write(
+                f"warning: {path} is from a run of {state['total_steps']} steps, this one has "
+                f"{self.total_steps}: the learning-rate schedule changes from here on"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
