@@ -49,4 +49,10 @@ class PretrainedModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.extra["architectures"] = [self.architecture]
         self.config.save(directory)
-        save_state_dict(self, directory)
+        save_state_dict(self, directory, extra=self.reference_only_tensors())
+
+    def reference_only_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the reference implementation expects in a checkpoint that omniseg derives
+        or does not use; ``save_pretrained`` writes them so the reference loads our
+        checkpoints without "missing weights" reports. Names must match ``ignore_on_load``."""
+        return {}

@@ -98,9 +98,12 @@ def load_state_dict_strict(
     module.load_state_dict({name: state[name] for name in expected}, strict=True)
 
 
-def save_state_dict(module: torch.nn.Module, directory: str | Path) -> Path:
-    """Write ``module``'s weights as ``model.safetensors`` (contiguous, shared storage untied)."""
+def save_state_dict(
+    module: torch.nn.Module, directory: str | Path, *, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``module``'s weights, plus ``extra`` tensors, as ``model.safetensors``."""
     path = Path(directory) / SAFETENSORS_NAME
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in module.state_dict().items()}
+    state = {**module.state_dict(), **(extra or {})}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
     return path

@@ -157,6 +157,17 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
             loss=loss,
         )
 
+    def reference_only_tensors(self) -> dict[str, Tensor]:
+        # The reference keeps the criterion's class weights as a saved buffer, and its Swin
+        # backbone has a final layer norm that feature maps never go through.
+        width = self.config.backbone_config.hidden_size
+        prefix = "model.pixel_level_module.encoder.swin.layernorm."
+        return {
+            "criterion.empty_weight": self.criterion.empty_weight,
+            prefix + "weight": torch.ones(width),
+            prefix + "bias": torch.zeros(width),
+        }
+
     @torch.no_grad()
     def _init_weights(self) -> None:
         """Training-from-scratch initialisation of everything but the backbone (which
