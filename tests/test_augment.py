@@ -148,3 +148,17 @@ def test_instances_feed_the_mask2former_processor_encoding() -> None:
     )
     assert classes.tolist() == [0, 3, 3]
     assert masks.sum().item() == (label != 255).sum()
+
+
+def test_dataset_maps_ignore_index_and_reduce_labels_to_training_labels(tmp_path) -> None:
+    from omniseg.data.dataset import IGNORE, Sample, SegmentationDataset
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(image)
+    label = tmp_path / "a_label.png"
+    Image.fromarray(np.array([[0, 1, 2, 3, 11, 11]] * 4, dtype=np.uint8)).save(label)
+    plain = SegmentationDataset([Sample(image, label)], num_labels=4, ignore_index=11)[0]["label"]
+    assert plain[0].tolist() == [0, 1, 2, 3, IGNORE, IGNORE]
+    reduced = SegmentationDataset([Sample(image, label)], num_labels=3, ignore_index=11, reduce_labels=True)[0]
+    assert reduced["label"][0].tolist() == [IGNORE, 0, 1, 2, IGNORE, IGNORE]
+    assert reduced["image"].shape == (3, 4, 6) and reduced["image"].dtype == torch.uint8
