@@ -311,7 +311,10 @@ def post_process_panoptic_segmentation(
         owner = _first_argmax(probs)  # [H, W], same as probs.argmax(0)
         count = probs.shape[0]
         won_area = torch.bincount(owner.flatten(), minlength=count)
-        own_area = (probs >= mask_threshold).flatten(1).sum(1, dtype=torch.int32).long()
+        # A query's own area matters only when it won pixels (usually a few of them).
+        own_area = torch.zeros_like(won_area)
+        for k in torch.nonzero(won_area).flatten().tolist():
+            own_area[k] = torch.count_nonzero(probs[k] >= mask_threshold)
         ratio = won_area / own_area  # the reference's float32 division, compared as a Python float
         exists = ((won_area > 0) & (own_area > 0) & (ratio.double() > overlap_mask_area_threshold)).tolist()
         label_list, score_list = labels.tolist(), scores.tolist()
