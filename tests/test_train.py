@@ -296,3 +296,15 @@ def test_bad_sample_in_a_worker_process_is_reported_with_its_file(frames, segfor
     assert status == 1
     err = capsys.readouterr().err
     assert "loading a sample failed" in err and str(root / "labels" / "train") in err
+
+
+def test_epochs_set_the_run_length_and_the_schedule_reaches_zero(frames, segformer_config, tmp_path) -> None:
+    out = tmp_path / "epochs"
+    assert train("--model", segformer_config, "--data", frames, "--out", out, "--epochs", "2", "--batch-size", "2",
+                 "--warmup-steps", "1", *FAST) == 0
+    log = read_log(out)
+    # "epoch" is the epoch a step's batches came from; "lr" the rate the step used
+    # (1 warm-up step from 1e-3 x peak, then linear decay towards 0 at step 4).
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["epoch"] for r in log] == [0, 0, 1, 1]
+    assert [r["lr"] for r in log] == pytest.approx([1e-7, 1e-4, 2e-4 / 3, 1e-4 / 3])
+    assert json.loads((out / "trainer_state.json").read_text())["total_steps"] == 4

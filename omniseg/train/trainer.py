@@ -210,6 +210,7 @@ class Trainer:
         self.batches_done = 0  # micro-batches of this rank consumed in the current epoch
         self.best_metric: float | None = None
         self.best_step: int | None = None
+        self.step_lr = 0.0  # learning rate of the last optimiser step (of its head group)
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ data
@@ -518,13 +519,14 @@ class Trainer:
                     window_samples += global_batch
                     if not sync:
                         continue
+                    self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     self._optimizer_step()
                     self.step += 1
                     last_loss = sum(micro_losses) / len(micro_losses)
                     window.append(last_loss)
                     micro_losses = []
                     progress.update(1)
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.step_lr:.2e}")
                     self._after_step(window, window_start, window_samples, checkpoint_every, stop)
                     if self.step % args.log_every == 0 or self.step == stop:
                         window, window_start, window_samples = [], time.perf_counter(), 0
@@ -555,7 +557,7 @@ class Trainer:
                 "step": self.step,
                 "epoch": self.epoch,
                 "loss": sum(window) / len(window),
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": self.step_lr,
                 "samples_per_s": window_samples / elapsed,
             }
         evaluate = self.eval_dataset is not None and args.eval_every and (
@@ -563,7 +565,7 @@ class Trainer:
         )
         if evaluate:
             metrics = self.evaluate()
-            record = record or {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0]}
+            record = record or {"step": self.step, "epoch": self.epoch, "lr": self.step_lr}
             for key, value in metrics.items():
                 record[f"eval_{key}"] = _json_safe(value)
             score = metrics["mean_iou"]
