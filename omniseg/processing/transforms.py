@@ -417,18 +417,18 @@ def rescale_and_normalize(
     mean: float | Sequence[float] | None,
     std: float | Sequence[float] | None,
 ) -> torch.Tensor:
-    """Rescale then normalize ``[..., C, H, W]`` in one fused pass; returns float32.
+    """Rescale then normalize ``[..., C, H, W]``; returns float32.
 
-    With both steps, computes ``(x - mean / f) / (std / f)`` like the reference's default backend.
+    The arithmetic is the reference's NumPy backend (what it runs without torchvision, as
+    with the PIL resizing here): rescale in float64, round to float32, then
+    ``(x - mean) / std`` in float32. The inputs are then bit-identical to the reference's,
+    so near-tie pixels of a final segmentation do not flip.
     """
     if do_normalize:
         if mean is None or std is None:
             raise ValueError("image_mean and image_std are required to normalize")
         if do_rescale:
-            channels = image.shape[-3]
-            mean_t = _per_channel(mean, channels, "mean", image.device) * (1.0 / rescale_factor)
-            std_t = _per_channel(std, channels, "std", image.device) * (1.0 / rescale_factor)
-            return (image.to(torch.float32) - mean_t) / std_t
+            image = (image.to(torch.float64) * rescale_factor).to(torch.float32)
         return normalize(image, mean, std)
     if do_rescale:
         return rescale(image, rescale_factor)
