@@ -71,11 +71,14 @@ class Mask2FormerModel(nn.Module):
         self.pixel_level_module = Mask2FormerPixelLevelModule(config)
         self.transformer_module = Mask2FormerTransformerModule(config)
 
-    def forward(self, pixel_values: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, pixel_values: Tensor, intermediate_masks: bool = True) -> tuple[list[Tensor], list[Tensor]]:
         """``[B, 3, H, W]`` -> per prediction (initial, then each decoder layer): the
-        normalised query states ``[B, Q, C]`` and the mask logits ``[B, Q, H / 4, W / 4]``."""
+        normalised query states ``[B, Q, C]`` and the mask logits ``[B, Q, H / 4, W / 4]``
+        (only the final prediction's unless ``intermediate_masks``)."""
         mask_features, multi_scale, spatial_shapes = self.pixel_level_module(pixel_values)
-        return self.transformer_module(multi_scale, spatial_shapes, mask_features)
+        return self.transformer_module(
+            multi_scale, spatial_shapes, mask_features, intermediate_masks=intermediate_masks
+        )
 
 
 class Mask2FormerForUniversalSegmentation(PretrainedModel):
@@ -127,12 +130,13 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
             :class:`Mask2FormerOutput`.
         """
         del pixel_mask  # see the docstring
-        states, masks = self.model(pixel_values)
         if output_auxiliary_logits is None:
             output_auxiliary_logits = bool(self.config.output_auxiliary_logits)
         with_loss = mask_labels is not None and class_labels is not None
+        need_auxiliary = output_auxiliary_logits or (with_loss and self.config.use_auxiliary_loss)
+        states, masks = self.model(pixel_values, intermediate_masks=need_auxiliary)
         auxiliary = None
-        if output_auxiliary_logits or (with_loss and self.config.use_auxiliary_loss):
+        if need_auxiliary:
             auxiliary = [
                 {"masks_queries_logits": mask, "class_queries_logits": self.class_predictor(state)}
                 for state, mask in zip(states[:-1], masks[:-1])

@@ -250,7 +250,12 @@ def attention_mask(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
     # Q-channel maps to channels-last and back, costing more than the resize itself.
     single_channel = mask_logits.detach().reshape(batch * queries, 1, height, width)
     resized = F.interpolate(single_channel, size=size, mode="bilinear", align_corners=False)
-    attend = resized.view(batch, queries, -1).sigmoid() >= 0.5
+    return _attend_where_foreground(resized.view(batch, queries, -1))
+
+
+def _attend_where_foreground(mask_logits: Tensor) -> Tensor:
+    """``[B, Q, HW]`` logits on a level -> bool ``[B, 1, Q, HW]`` (see :func:`attention_mask`)."""
+    attend = mask_logits.detach().sigmoid() >= 0.5
     attend |= ~attend.any(-1, keepdim=True)
     return attend[:, None]
 
@@ -277,6 +282,7 @@ class MaskedAttentionDecoder(nn.Module):
         feature_positions: Sequence[Tensor],
         spatial_shapes: Sequence[tuple[int, int]],
         mask_features: Tensor,
+        intermediate_masks: bool = True,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
@@ -286,21 +292,42 @@ class MaskedAttentionDecoder(nn.Module):
             feature_positions: per level ``[h_l * w_l, C]``.
             spatial_shapes: per level ``(h_l, w_l)``.
             mask_features: ``[B, M, H, W]`` stride-4 mask features.
+            intermediate_masks: also return the intermediate mask logits (for auxiliary
+                outputs and losses); when False only the final one is computed at full size.
 
         Returns:
             ``decoder_layers`` predictions, the initial one first and the final one last:
             the normalised query states ``[B, Q, C]`` (for the class head) and the mask
-            logits ``[B, Q, H, W]``.
+            logits ``[B, Q, H, W]`` (only the final one unless ``intermediate_masks``).
         """
-        states = [self.layernorm(queries)]
-        masks = [self.mask_predictor(states[0], mask_features)]
+        if not intermediate_masks:
+            # Resizing is linear per channel, so the resized mask logits that set each
+            # layer's attention are the dot products with resized mask features: the same
+            # numbers up to float rounding, at the level's size instead of stride 4 (the
+            # full-size intermediate masks are most of the decoder's cost otherwise).
+            level_features = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                for size in spatial_shapes
+            ]
+        states: list[Tensor] = []
+        masks: list[Tensor] = []
         num_levels = len(features)
-        for index, layer in enumerate(self.layers):
-            level = index % num_levels
-            attend = attention_mask(masks[-1], spatial_shapes[level])
-            queries = layer(queries, query_positions, features[level], feature_positions[level], attend)
+        for index in range(len(self.layers) + 1):
             states.append(self.layernorm(queries))
-            masks.append(self.mask_predictor(states[-1], mask_features))
+            last = index == len(self.layers)
+            if intermediate_masks or last:
+                masks.append(self.mask_predictor(states[-1], mask_features))
+            if last:
+                break
+            level = index % num_levels
+            if intermediate_masks:
+                attend = attention_mask(masks[-1], spatial_shapes[level])
+            else:
+                logits = self.mask_predictor(states[-1], level_features[level])
+                attend = _attend_where_foreground(logits.flatten(2))
+            queries = self.layers[index](
+                queries, query_positions, features[level], feature_positions[level], attend
+            )
         return states, masks
 
 
@@ -331,6 +358,7 @@ class Mask2FormerTransformerModule(nn.Module):
         multi_scale_features: Sequence[Tensor],
         spatial_shapes: Sequence[tuple[int, int]],
         mask_features: Tensor,
+        intermediate_masks: bool = True,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
@@ -356,5 +384,11 @@ class Mask2FormerTransformerModule(nn.Module):
         batch = mask_features.shape[0]
         queries = self.queries_features.weight.expand(batch, -1, -1)
         return self.decoder(
-            queries, self.queries_embedder.weight, features, positions, spatial_shapes, mask_features
+            queries,
+            self.queries_embedder.weight,
+            features,
+            positions,
+            spatial_shapes,
+            mask_features,
+            intermediate_masks=intermediate_masks,
         )
