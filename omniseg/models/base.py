@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,8 +39,11 @@ class PretrainedModel(nn.Module):
         """Build the model from ``config.json`` and load its weights strictly; eval mode."""
         directory = resolve_model_dir(name_or_path)
         config = cls.config_class.from_json_file(directory / CONFIG_NAME)
-        model = cls(config)
         state = read_state_dict(directory)
+        # The strict load below overwrites every parameter and persistent buffer, so the
+        # random initialisation would be thrown away (it is most of the load time).
+        with _skip_weight_init():
+            model = cls(config)
         ignored = [name for name in state if any(name.endswith(s) for s in cls.ignore_on_load)]
         load_state_dict_strict(model, state, source=directory, ignore_unexpected=ignored)
         return model.to(device).eval()
@@ -56,3 +61,24 @@ class PretrainedModel(nn.Module):
         or does not use; ``save_pretrained`` writes them so the reference loads our
         checkpoints without "missing weights" reports. Names must match ``ignore_on_load``."""
         return {}
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s in-place initialisers no-ops while a model is built whose
+    weights are all about to be loaded (layers then hold uninitialised memory until the
+    load). Process-wide while active: do not build other models in other threads meanwhile.
+    """
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+
+    def keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in names:
+            setattr(nn.init, name, keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)

@@ -158,7 +158,8 @@ class PixelDecoderEncoderLayer(nn.Module):
         attended = self.self_attn(hidden_states, position_embeddings, reference_points, spatial_shapes)
         attended = F.dropout(attended, self.dropout, self.training)
         hidden_states = self.self_attn_layer_norm(hidden_states + attended)
-        mlp = F.dropout(F.relu(self.fc1(hidden_states)), self.dropout, self.training)
+        # In place: saves allocating (and page-faulting) another [B, S, 4C] buffer.
+        mlp = F.dropout(F.relu(self.fc1(hidden_states), inplace=True), self.dropout, self.training)
         mlp = F.dropout(self.fc2(mlp), self.dropout, self.training)
         return self.final_layer_norm(hidden_states + mlp)
 
