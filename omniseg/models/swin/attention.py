@@ -150,6 +150,7 @@ class WindowSelfAttention(nn.Module):
             "relative_position_index", relative_position_index(window_size), persistent=False
         )
         # Inference cache of the stacked projection (see _fused_parameters); not state.
+        self.stacked_qkv: nn.Module | None = None  # set by stack_qkv(), for quantization
         self._fused_key: tuple | None = None
         self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused_sources: list[torch.Tensor] = []
@@ -190,6 +191,20 @@ class WindowSelfAttention(nn.Module):
             self._fused_key, self._fused_cache, self._fused_sources = key, (weight, bias), tensors
         return weight, bias
 
+    def stack_qkv(self) -> nn.Linear:
+        """Freeze the three projections into one ``nn.Linear`` (``stacked_qkv``) used from
+        now on, so that module-level transforms such as dynamic quantization see a single
+        layer. Inference only: later changes to ``query``/``key``/``value`` are ignored."""
+        weight, bias = self._fused_parameters()
+        stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        stacked.to(weight.device)
+        with torch.no_grad():
+            stacked.weight.copy_(weight)
+            if bias is not None:
+                stacked.bias.copy_(bias)
+        self.stacked_qkv = stacked
+        return stacked
+
     def fused_qkv(self, windows: torch.Tensor) -> torch.Tensor:
         """Project with one matmul instead of three.
 
@@ -200,8 +215,11 @@ class WindowSelfAttention(nn.Module):
             ``[3, N, num_heads, L, head_dim]`` (query, key, value stacked first); a view of
             the projection, no copy.
         """
-        weight, bias = self._fused_parameters()
-        qkv = F.linear(windows, weight, bias)  # [N, L, 3C]
+        if self.stacked_qkv is not None:
+            qkv = self.stacked_qkv(windows)
+        else:
+            weight, bias = self._fused_parameters()
+            qkv = F.linear(windows, weight, bias)  # [N, L, 3C]
         count, length, _ = qkv.shape
         qkv = qkv.view(count, length, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4)

@@ -1,0 +1,50 @@
+"""The opt-in int8 fast CPU mode: linear layers quantized, answers close to float32's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import omniseg
+
+
+@pytest.fixture(scope="module")
+def pipelines(fitted_mask2former_dir: Path):
+    float32 = omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir)
+    int8 = omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir, quantize="int8")
+    return float32, int8
+
+
+def test_int8_quantizes_the_linear_layers_but_not_the_heads(pipelines):
+    float32, int8 = pipelines
+    quantized = [name for name, m in int8.model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    assert any(".encoder.layers." in name and name.endswith("fc1") for name in quantized)  # deformable encoder MLP
+    assert any(name.endswith("stacked_qkv") for name in quantized)  # Swin q/k/v as one layer
+    assert not any("class_predictor" in name or "mask_predictor" in name for name in quantized)
+    # The float32 pipeline's model is untouched.
+    assert not any(type(m).__module__.startswith("torch.ao") for m in float32.model.modules())
+
+
+def test_int8_answers_are_close_to_float32(pipelines, street_photo):
+    float32, int8 = pipelines
+    inputs = float32.processor(images=[street_photo], return_tensors="pt")
+    with torch.inference_mode():
+        a, b = float32.model(**inputs), int8.model(**inputs)
+    for key in ("class_queries_logits", "masks_queries_logits"):
+        x, y = getattr(a, key), getattr(b, key)
+        assert ((x - y).abs().max() / x.abs().max()).item() < 0.2
+    x = float32.predict([street_photo], subtask="semantic")[0].label_map
+    y = int8.predict([street_photo], subtask="semantic")[0].label_map
+    assert (x == y).float().mean().item() > 0.9
+    results = int8(street_photo, subtask="panoptic", threshold=0.0)
+    assert results and all(r["mask"].size == street_photo.size for r in results)
+    masks = np.stack([np.asarray(r["mask"]) for r in results])
+    assert ((masks == 255).sum(axis=0) <= 1).all()
+
+
+def test_unknown_quantize_mode_is_rejected(fitted_mask2former_dir: Path):
+    with pytest.raises(ValueError, match="quantize"):
+        omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir, quantize="int4")
