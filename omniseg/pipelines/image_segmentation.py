@@ -192,15 +192,18 @@ class ImageSegmentationPipeline:
         """The pipeline's public form: ``[{"score", "label", "mask"}]`` with PIL "L" masks."""
         label_map = segmentation.label_map.numpy()
         key = "label_id" if segmentation.subtask == "semantic" else "id"
+        ids = np.array([segment[key] for segment in segmentation.segments], dtype=label_map.dtype)
+        # All masks in one comparison; the bool result viewed as uint8 and scaled in place
+        # gives 0/255 without another full-size copy per segment.
+        masks = (label_map[None] == ids.reshape(-1, 1, 1)).view(np.uint8)
+        masks *= 255
         return [
             {
                 "score": segment["score"],
                 "label": self.id2label[segment["label_id"]],
-                "mask": Image.fromarray(
-                    np.where(label_map == segment[key], 255, 0).astype(np.uint8), mode="L"
-                ),
+                "mask": Image.fromarray(mask, mode="L"),
             }
-            for segment in segmentation.segments
+            for segment, mask in zip(segmentation.segments, masks)
         ]
 
     def _batches(self, images: Sequence[Image.Image], batch_size: int):
