@@ -6,7 +6,13 @@ times, interleaved in one process: preprocessing, forward, each post-processing 
 the whole pipeline, and batch throughput. Peak memory is the rise of the process's peak
 RSS over one pipeline call (Linux: /proc/self/clear_refs resets the peak).
 
-    python benchmarks/bench_pipeline.py [--repeats 7] [--threshold 0] [--quick]
+    python benchmarks/bench_pipeline.py [--repeats 7] [--threshold 0] [--threads N] [--model DIR] [--quick]
+
+Answers are checked first: the pipelines' segments (labels and mask pixels), preprocessing
+(bit-identical), post-processing of the same logits (bit-identical) and the forward's
+logits (relative difference). The random model's masks are near-ties almost everywhere
+(probabilities ~1e-10), so float rounding of the forward can flip a few pixels; ``--model``
+runs the same benchmark on a trained checkpoint. The opt-in int8 mode is timed last.
 
 Needs the test extra (``transformers``).
 """
@@ -46,9 +52,17 @@ def build_checkpoint(directory: Path, *, quick: bool) -> None:
     )
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(config).eval()
-    with torch.no_grad():  # random init leaves the class head near-uniform; spread it out
+    with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
+        # Random init gives near-uniform classes (best probability ~0.02, so no segment
+        # passes the mask threshold) and near-identical masks. Sharpen the class head and
+        # diversify the mask embeddings so the photo gets about ten segments, as a trained
+        # model would give several.
+        model.class_predictor.weight.mul_(10)
+        model.class_predictor.bias.mul_(10)
+        for param in model.model.transformer_module.decoder.mask_predictor.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(directory)
     Mask2FormerImageProcessor(
         size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32
@@ -88,42 +102,90 @@ def peak_rss_rise_mb(fn) -> float:
     return (read("VmHWM:") - before) / 1024
 
 
+def same_segments(a: list[dict], b: list[dict]) -> tuple[bool, float]:
+    """(labels equal, fraction of mask pixels equal over all segments) of two pipeline answers."""
+    labels = [x["label"] for x in a] == [y["label"] for y in b]
+    if not labels or not a:
+        return labels, float(labels)
+    ours = np.stack([np.asarray(x["mask"]) for x in a])
+    theirs = np.stack([np.asarray(y["mask"]) for y in b])
+    return labels, float((ours == theirs).mean())
+
+
+def same_post_processing(ours_processor, ref_processor, outputs, target, threshold: float) -> bool:
+    """Both post-processors on the same (reference) logits: bit-identical maps and segments."""
+    kwargs = dict(threshold=threshold, target_sizes=target)
+    for name in ("panoptic", "instance"):
+        fn = f"post_process_{name}_segmentation"
+        x = getattr(ours_processor, fn)(outputs, **kwargs)[0]
+        y = getattr(ref_processor, fn)(outputs, **kwargs)[0]
+        if not torch.equal(x["segmentation"], y["segmentation"]):
+            return False
+        if [(s["id"], s["label_id"]) for s in x["segments_info"]] != [(s["id"], s["label_id"]) for s in y["segments_info"]]:
+            return False
+    x = ours_processor.post_process_semantic_segmentation(outputs, target_sizes=target)[0]
+    y = ref_processor.post_process_semantic_segmentation(outputs, target_sizes=target)[0]
+    return torch.equal(x, y)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threshold", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="shallower backbone, for a smoke run")
+    parser.add_argument("--model", type=Path, default=None, help="benchmark this checkpoint instead of a random Swin-T")
     parser.add_argument("--batches", default="1,4,8")
     args = parser.parse_args()
 
     import transformers
+    import warnings
 
     import omniseg
 
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image = photo()
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        build_checkpoint(directory, quick=args.quick)
+        directory = args.model or Path(tmp)
+        if args.model is None:
+            build_checkpoint(directory, quick=args.quick)
+        load = interleaved(
+            {
+                "omniseg": lambda: omniseg.pipeline("image-segmentation", model=directory),
+                "reference": lambda: transformers.pipeline("image-segmentation", model=str(directory), device="cpu"),
+            },
+            max(1, args.repeats // 3),
+        )
         ours = omniseg.pipeline("image-segmentation", model=directory)
         ref = transformers.pipeline("image-segmentation", model=str(directory), device="cpu")
 
         # Same answers first: a speed-up that changes the answer does not count.
         kwargs = dict(subtask="panoptic", threshold=args.threshold)
         a, b = ours(image, **kwargs), ref(image, **kwargs)
-        same = [x["label"] for x in a] == [y["label"] for y in b] and all(
-            np.array_equal(np.asarray(x["mask"]), np.asarray(y["mask"])) for x, y in zip(a, b)
-        )
-        print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-        print(f"photo 640x480, panoptic threshold {args.threshold}: {len(a)} segments, identical to reference: {same}")
-
+        labels_same, pixels_same = same_segments(a, b)
         ref_inputs = ref.image_processor(images=[image], return_tensors="pt")
         our_inputs = ours.processor(images=[image], return_tensors="pt")
         with torch.inference_mode():
             ref_out = ref.model(**ref_inputs)
             our_out = ours.model(**our_inputs)
         target = [(image.height, image.width)]
-        rows = []
+        logit_error = max(
+            ((getattr(our_out, k) - getattr(ref_out, k)).abs().max() / getattr(ref_out, k).abs().max()).item()
+            for k in ("class_queries_logits", "masks_queries_logits")
+        )
+        print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+        print(f"model: {'random Swin-T COCO-panoptic architecture' if args.model is None else args.model}")
+        print(f"photo 640x480, panoptic threshold {args.threshold}: {len(a)} segments (reference {len(b)})")
+        print(f"- pipeline answers: labels identical {labels_same}, mask pixels identical {pixels_same:.6f}")
+        print(f"- preprocessing bit-identical: {torch.equal(our_inputs['pixel_values'], ref_inputs['pixel_values'])}")
+        print(f"- post-processing of the same logits bit-identical (panoptic, instance, semantic): "
+              f"{same_post_processing(ours.processor, ref.image_processor, ref_out, target, args.threshold)}")
+        print(f"- forward logits: max |ours - reference| / max |reference| = {logit_error:.1e}")
+        rows = [("load (pipeline construction)", load["omniseg"], load["reference"])]
 
         def stage(name, ours_fn, ref_fn):
             t = interleaved({"omniseg": ours_fn, "reference": ref_fn}, args.repeats)
@@ -149,10 +211,14 @@ def main() -> int:
               lambda: ref.image_processor.post_process_semantic_segmentation(ref_out, target_sizes=target))
         stage("pipeline (panoptic)", lambda: ours(image, **kwargs), lambda: ref(image, **kwargs))
 
-        print(f"\n| stage | omniseg (s) | reference (s) | reference / omniseg |")
+        print("\n| stage | omniseg (s) | reference (s) | reference / omniseg |")
         print("|---|---|---|---|")
         for name, o, r in rows:
             print(f"| {name} | {o:.3f} | {r:.3f} | {r / o:.2f}x |")
+        timing = {name: o for name, o, _ in rows}
+        print(f"\npost-processing / forward (omniseg): panoptic {timing['post-process panoptic'] / timing['forward']:.1%}, "
+              f"instance {timing['post-process instance'] / timing['forward']:.1%}, "
+              f"semantic {timing['post-process semantic'] / timing['forward']:.1%}")
 
         print("\n| batch | omniseg images/s | reference images/s | ratio |")
         print("|---|---|---|---|")
@@ -170,6 +236,35 @@ def main() -> int:
         ours_mb = peak_rss_rise_mb(lambda: ours(image, **kwargs))
         ref_mb = peak_rss_rise_mb(lambda: ref(image, **kwargs))
         print(f"\npeak RSS rise over one pipeline call: omniseg {ours_mb:.0f} MB, reference {ref_mb:.0f} MB")
+
+        # The opt-in fast CPU mode: not the reference's answers, so reported apart.
+        fast = omniseg.pipeline("image-segmentation", model=directory, quantize="int8")
+        fast_inputs = fast.processor(images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            fast_out = fast.model(**fast_inputs)
+        fast_error = max(
+            ((getattr(fast_out, k) - getattr(our_out, k)).abs().max() / getattr(our_out, k).abs().max()).item()
+            for k in ("class_queries_logits", "masks_queries_logits")
+        )
+        f_labels, f_pixels = same_segments(fast(image, **kwargs), a)
+        t = interleaved(
+            {
+                "int8 forward": lambda: forward(fast.model, fast_inputs),
+                "float32 forward": lambda: forward(ours.model, our_inputs),
+                "int8 pipeline": lambda: fast(image, **kwargs),
+                "float32 pipeline": lambda: ours(image, **kwargs),
+                "reference pipeline": lambda: ref(image, **kwargs),
+            },
+            args.repeats,
+        )
+        print("\nfast mode, omniseg.pipeline(..., quantize='int8'):")
+        print(f"| | int8 (s) | float32 (s) | float32 / int8 | reference / int8 |")
+        print("|---|---|---|---|---|")
+        print(f"| forward | {t['int8 forward']:.3f} | {t['float32 forward']:.3f} | {t['float32 forward'] / t['int8 forward']:.2f}x | |")
+        print(f"| pipeline (panoptic) | {t['int8 pipeline']:.3f} | {t['float32 pipeline']:.3f} | "
+              f"{t['float32 pipeline'] / t['int8 pipeline']:.2f}x | {t['reference pipeline'] / t['int8 pipeline']:.2f}x |")
+        print(f"int8 vs float32: logits max rel. diff {fast_error:.3f}; panoptic labels identical {f_labels}, "
+              f"mask pixels identical {f_pixels:.4f}")
     return 0
 
 
