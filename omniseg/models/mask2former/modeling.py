@@ -134,7 +134,9 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
             output_auxiliary_logits = bool(self.config.output_auxiliary_logits)
         with_loss = mask_labels is not None and class_labels is not None
         need_auxiliary = output_auxiliary_logits or (with_loss and self.config.use_auxiliary_loss)
-        states, masks = self.model(pixel_values, intermediate_masks=need_auxiliary)
+        # Training keeps the full-size intermediate masks (the original computation) even
+        # without auxiliary losses; only inference takes the low-resolution shortcut.
+        states, masks = self.model(pixel_values, intermediate_masks=need_auxiliary or with_loss or self.training)
         auxiliary = None
         if need_auxiliary:
             auxiliary = [
