@@ -196,10 +196,15 @@ def test_same_stem_in_one_folder_and_output_inside_input(model_dir, tmp_path):
                            for suffix in (".json", "_labels.png", "_overlay.png"))
 
 
-def test_usage_errors(model_dir, tmp_path, capsys):
+def test_usage_errors(model_dir, tmp_path, capsys, monkeypatch):
+    import omniseg.assets
+
     _picture(8).save(tmp_path / "a.png")
+    # An installation without the bundled default model needs --model.
+    monkeypatch.setattr(omniseg.assets, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
     assert _segment(tmp_path / "a.png", "--out", tmp_path / "o") == 2
     assert "--model" in capsys.readouterr().err
+    monkeypatch.undo()
     assert _segment(tmp_path / "a.png", "--out", tmp_path / "o", "--model", tmp_path / "no-such-model") == 2
     assert "no-such-model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
