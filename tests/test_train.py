@@ -308,3 +308,31 @@ def test_epochs_set_the_run_length_and_the_schedule_reaches_zero(frames, segform
     assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["epoch"] for r in log] == [0, 0, 1, 1]
     assert [r["lr"] for r in log] == pytest.approx([1e-7, 1e-4, 2e-4 / 3, 1e-4 / 3])
     assert json.loads((out / "trainer_state.json").read_text())["total_steps"] == 4
+
+
+def test_semantic_aux_loss_resumes_exactly_and_leaves_the_saved_model_plain(frames, mask2former_dir, tmp_path, capsys) -> None:
+    """``--semantic-aux-weight``: the training-only head adds its cross-entropy to the loss, its
+    weights and optimiser state travel in checkpoints (a cut-and-resumed run equals the
+    uninterrupted one bit for bit), and the saved model has exactly the plain model's tensors."""
+    common = ["--model", mask2former_dir, "--data", frames, "--max-steps", "4", "--batch-size", "2",
+              "--lr", "1e-3", "--checkpoint-every", "1", *FAST]
+    weight = 2.0
+    aux = ["--semantic-aux-weight", str(weight)]
+    assert train(*common, "--out", tmp_path / "plain") == 0
+    assert train(*common, *aux, "--out", tmp_path / "full") == 0
+    assert train(*common, *aux, "--out", tmp_path / "cut", "--stop-at-step", "2") == 0
+    assert train(*common, *aux, "--out", tmp_path / "cut", "--resume") == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert [r["loss"] for r in read_log(tmp_path / "full")] == [r["loss"] for r in read_log(tmp_path / "cut")]
+
+    # Same data, same sampled points at step 1 (building the head leaves the RNG alone): the
+    # difference is the weighted cross-entropy of a fresh head, about weight * ln(11 classes).
+    extra = read_log(tmp_path / "full")[0]["loss"] - read_log(tmp_path / "plain")[0]["loss"]
+    assert 0.5 * weight * np.log(11) < extra < 2.0 * weight * np.log(11), extra
+    assert weights(tmp_path / "full").keys() == weights(tmp_path / "plain").keys()
+    assert not torch.equal(weights(tmp_path / "full")["class_predictor.weight"],
+                           weights(tmp_path / "plain")["class_predictor.weight"])
+
+    # A checkpoint written without the head cannot silently continue with one.
+    assert train(*common, *aux, "--out", tmp_path / "plain", "--resume") == 1
+    assert "--semantic-aux-weight" in capsys.readouterr().err

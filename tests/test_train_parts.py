@@ -104,3 +104,45 @@ def test_no_checkpoint_and_broken_pointer(tmp_path) -> None:
     (tmp_path / "checkpoints" / "latest.json").write_text('{"step": 4, "file": "step-00000004.pt"}')
     with pytest.raises(CheckpointError, match="missing"):
         checkpointing.latest_checkpoint(tmp_path)
+
+
+def test_semantic_aux_loss_is_cross_entropy_of_the_mask_features() -> None:
+    pytest.importorskip("transformers")
+    from reference_models import reference_mask2former_config
+
+    from omniseg.models.mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    from omniseg.train.semantic_aux import SemanticAuxiliaryLoss
+
+    torch.manual_seed(0)
+    config = Mask2FormerConfig.from_dict(reference_mask2former_config().to_dict())
+    model = Mask2FormerForUniversalSegmentation(config).train()
+    loss_fn = SemanticAuxiliaryLoss(in_channels=config.mask_feature_size, num_labels=config.num_labels,
+                                    ignore_index=255, weight=3.0)
+    loss_fn.attach(model)
+    captured = {}
+
+    def keep(module, inputs, output) -> None:
+        captured.setdefault("features", output[0])
+
+    model.model.pixel_level_module.register_forward_hook(keep)
+    labels = torch.randint(0, config.num_labels, (2, 64, 64))
+    labels[:, :10] = 255
+    model(torch.randn(2, 3, 64, 64))
+    got = loss_fn(labels)
+    logits = torch.nn.functional.interpolate(
+        loss_fn.classifier(captured["features"]), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(got, 3.0 * torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
+    got.backward()
+    assert loss_fn.classifier.weight.grad.abs().sum() > 0
+    assert model.model.pixel_level_module.encoder.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+
+    # Nothing labelled: zero, still differentiable; evaluation forwards capture nothing.
+    model(torch.randn(1, 3, 64, 64))
+    assert loss_fn(torch.full((1, 64, 64), 255)).item() == 0.0
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="no mask features"):
+        loss_fn(labels)
+    loss_fn.detach()

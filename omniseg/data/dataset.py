@@ -162,11 +162,13 @@ class TrainCollator:
     Samples are already augmented to their final size, so the processor only rescales,
     normalises and pads (``do_resize=False``); padding never happens when all crops share
     one size. Output for Mask2Former: ``pixel_values``, ``pixel_mask``, ``mask_labels``,
-    ``class_labels``; for SegFormer: ``pixel_values``, ``labels``.
+    ``class_labels`` (and ``semantic_labels`` ``[B, H, W]`` with ``semantic_labels=True``,
+    for :mod:`omniseg.train.semantic_aux`); for SegFormer: ``pixel_values``, ``labels``.
     """
 
     processor: Any
     model_type: str
+    semantic_labels: bool = False
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         images = [item["image"] for item in items]
@@ -185,12 +187,15 @@ class TrainCollator:
                 do_resize=False,
                 return_tensors="pt",
             )
-            return {
+            inputs = {
                 "pixel_values": batch["pixel_values"],
                 "pixel_mask": batch["pixel_mask"],
                 "mask_labels": list(batch["mask_labels"]),
                 "class_labels": list(batch["class_labels"]),
             }
+            if self.semantic_labels:
+                inputs["semantic_labels"] = torch.stack([item["label"] for item in items])
+            return inputs
         batch = self.processor(
             images,
             segmentation_maps=[item["label"] for item in items],

@@ -46,6 +46,7 @@ from omniseg.train.distributed import (
     barrier,
 )
 from omniseg.train.optim import build_optimizer, build_scheduler
+from omniseg.train.semantic_aux import SemanticAuxiliaryLoss
 
 
 class TrainingError(OmnisegError):
@@ -79,6 +80,9 @@ class TrainingArguments:
     stop_at_step: int | None = None
     progress: bool = True
     eval_batch_size: int = 1
+    # Mask2Former only: weight of the training-only per-pixel semantic loss (0 = off), see
+    # omniseg.train.semantic_aux.
+    semantic_aux_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -86,6 +90,8 @@ class TrainingArguments:
             raise ValueError("give epochs or max_steps")
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.semantic_aux_weight < 0:
+            raise ValueError("semantic_aux_weight must be at least 0")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -173,6 +179,24 @@ class Trainer:
             weight_decay=args.weight_decay,
             backbone_lr_multiplier=args.backbone_lr_multiplier,
         )
+        self.semantic_aux: SemanticAuxiliaryLoss | None = None
+        if args.semantic_aux_weight > 0:
+            if model_type != "mask2former":
+                raise TrainingError(f"the auxiliary semantic loss is for Mask2Former, not {model_type}")
+            # Its own seeded initialisation, so building it leaves the global RNG as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                self.semantic_aux = SemanticAuxiliaryLoss(
+                    in_channels=model.config.mask_feature_size,
+                    num_labels=model.config.num_labels,
+                    ignore_index=IGNORE,
+                    weight=args.semantic_aux_weight,
+                ).to(self.device)
+            self.semantic_aux.attach(self.model)
+            self.optimizer.add_param_group(
+                {"params": list(self.semantic_aux.parameters()), "lr": args.lr, "weight_decay": 0.0,
+                 "name": "semantic_aux"}
+            )
         self.sampler = GlobalBatchSampler(
             len(train_dataset),
             batch_size=args.batch_size,
@@ -228,7 +252,7 @@ class Trainer:
             batch_size=self.args.batch_size,
             sampler=self.sampler,
             num_workers=self.args.num_workers,
-            collate_fn=TrainCollator(self.processor, self.model_type),
+            collate_fn=TrainCollator(self.processor, self.model_type, semantic_labels=self.semantic_aux is not None),
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
@@ -339,6 +363,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "semantic_aux": None if self.semantic_aux is None else self.semantic_aux.state_dict(),
                 "best_metric": self.best_metric,
                 "best_step": self.best_step,
                 "rng": rng_states,
@@ -366,7 +391,16 @@ class Trainer:
                 f"warning: {path} is from a run of {state['total_steps']} steps, this one has "
                 f"{self.total_steps}: the learning-rate schedule changes from here on"
             )
+        saved_aux = state.get("semantic_aux")
+        if (saved_aux is None) != (self.semantic_aux is None):
+            raise CheckpointError(
+                path,
+                "the checkpoint was written " + ("with" if saved_aux is not None else "without")
+                + " the auxiliary semantic loss; resume with the same --semantic-aux-weight setting",
+            )
         self.model.load_state_dict(state["model"])
+        if self.semantic_aux is not None:
+            self.semantic_aux.load_state_dict(saved_aux)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -460,10 +494,13 @@ class Trainer:
     def _micro_step(self, batch: dict[str, Any], sync: bool) -> float:
         """Forward and backward of one micro-batch; returns its loss (averaged over ranks)."""
         batch = _to_device(batch, self.device)
+        semantic_labels = batch.pop("semantic_labels", None)
         context = contextlib.nullcontext() if sync or not self.dist.distributed else self.ddp_model.no_sync()
         with context:
             with self._autocast():
                 loss = self.ddp_model(**batch).loss
+                if self.semantic_aux is not None:
+                    loss = loss + self.semantic_aux(semantic_labels)
             # Every rank must see a bad loss, or the healthy ones would wait for the others
             # in backward's all-reduce forever.
             reduced = all_reduce_sum(loss.detach().float().clone()) / self.dist.world_size
@@ -477,9 +514,14 @@ class Trainer:
         return float(reduced)
 
     def _optimizer_step(self) -> None:
+        params = list(self.model.parameters())
+        if self.semantic_aux is not None:
+            if self.dist.distributed:
+                self.semantic_aux.all_reduce_gradients(self.dist.world_size)
+            params += list(self.semantic_aux.parameters())
         if self.args.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad_norm)
+            nn.utils.clip_grad_norm_(params, self.args.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
