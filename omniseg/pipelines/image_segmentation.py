@@ -21,6 +21,7 @@ from PIL import Image
 
 from omniseg.io.images import DEFAULT_MAX_PIXELS, load_image
 from omniseg.models.auto import load_model, load_processor
+from omniseg.ops.linear import as_plain_linear
 
 SUBTASKS = ("panoptic", "instance", "semantic")
 _POSTPROCESSORS = {
@@ -268,7 +269,8 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
         # it still works, and the user asked for it: keep the output quiet.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantiz.*", category=UserWarning)
-        return quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8)
+        # quantize_dynamic swaps only modules of the exact class nn.Linear.
+        return quantize_dynamic(as_plain_linear(model), qconfig_spec=targets, dtype=torch.qint8)
 
 
 def _semantic_segmentation(label_map: torch.Tensor) -> Segmentation:

@@ -30,6 +30,7 @@ from omniseg.models.mask2former.transformer_decoder import (
 )
 from omniseg.models.swin import IGNORE_ON_LOAD as SWIN_IGNORE_ON_LOAD
 from omniseg.models.swin import SwinBackbone
+from omniseg.ops.linear import Linear
 
 
 @dataclasses.dataclass
@@ -102,7 +103,7 @@ class Mask2FormerForUniversalSegmentation(PretrainedModel):
     def __init__(self, config: Mask2FormerConfig) -> None:
         super().__init__(config)
         self.model = Mask2FormerModel(config)
-        self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
+        self.class_predictor = Linear(config.hidden_dim, config.num_labels + 1)
         self.criterion = Mask2FormerCriterion.from_config(config)
         self._init_weights()
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
+from omniseg.ops.linear import Linear
 from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention
 
 # Mask2Former always uses the three lowest-resolution maps in attention, and 4 sampling
@@ -72,10 +73,10 @@ class MultiscaleDeformableAttention(nn.Module):
         self.n_heads = num_heads
         self.n_levels = n_levels
         self.n_points = n_points
-        self.sampling_offsets = nn.Linear(embed_dim, num_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(embed_dim, num_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.sampling_offsets = Linear(embed_dim, num_heads * n_levels * n_points * 2)
+        self.attention_weights = Linear(embed_dim, num_heads * n_levels * n_points)
+        self.value_proj = Linear(embed_dim, embed_dim)
+        self.output_proj = Linear(embed_dim, embed_dim)
 
     def reset_parameters(self) -> None:
         """Deformable DETR's init: zero offsets except a per-head direction whose length
@@ -142,8 +143,8 @@ class PixelDecoderEncoderLayer(nn.Module):
             dim, config.num_attention_heads, NUM_ATTENTION_LEVELS, NUM_SAMPLING_POINTS
         )
         self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, config.encoder_feedforward_dim)
-        self.fc2 = nn.Linear(config.encoder_feedforward_dim, dim)
+        self.fc1 = Linear(dim, config.encoder_feedforward_dim)
+        self.fc2 = Linear(config.encoder_feedforward_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
 from omniseg.models.mask2former.pixel_decoder import NUM_ATTENTION_LEVELS, sine_position_embedding
+from omniseg.ops.linear import Linear, linear
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -56,10 +57,10 @@ class SelfAttention(nn.Module):
             raise ValueError(f"hidden_dim {dim} is not divisible by num_attention_heads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, hidden_states: Tensor, position_embeddings: Tensor) -> Tensor:
         """``[B, Q, C]`` (+ ``[Q, C]`` positions) -> ``[B, Q, C]``."""
@@ -87,7 +88,7 @@ class MaskedCrossAttention(nn.Module):
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attend: Tensor) -> Tensor:
@@ -103,9 +104,9 @@ class MaskedCrossAttention(nn.Module):
         """
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        query = _split_heads(F.linear(query, w_q, b_q), self.num_heads)
-        key = _split_heads(F.linear(key, w_k, b_k), self.num_heads)
-        value = _split_heads(F.linear(value, w_v, b_v), self.num_heads)
+        query = _split_heads(linear(query, w_q, b_q), self.num_heads)
+        key = _split_heads(linear(key, w_k, b_k), self.num_heads)
+        value = _split_heads(linear(value, w_v, b_v), self.num_heads)
         dropout = self.dropout if self.training else 0.0
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=attend, dropout_p=dropout)
         return self.out_proj(_merge_heads(context))
@@ -133,8 +134,8 @@ class MaskedAttentionDecoderLayer(nn.Module):
         self.cross_attn_layer_norm = nn.LayerNorm(dim)
         self.self_attn = SelfAttention(dim, config.num_attention_heads, config.dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, config.dim_feedforward)
-        self.fc2 = nn.Linear(config.dim_feedforward, dim)
+        self.fc1 = Linear(dim, config.dim_feedforward)
+        self.fc2 = Linear(config.dim_feedforward, dim)
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(
@@ -189,7 +190,7 @@ class PredictionBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, activation: nn.Module) -> None:
         super().__init__()
-        self.add_module("0", nn.Linear(in_dim, out_dim))
+        self.add_module("0", Linear(in_dim, out_dim))
         self.add_module("1", activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -374,7 +375,7 @@ class Mask2FormerTransformerModule(nn.Module):
         for level, (sequence, (height, width)) in enumerate(zip(multi_scale_features, spatial_shapes)):
             projection = self.input_projections[level]
             if isinstance(projection, nn.Conv2d):  # a 1x1 conv is a linear map on channels
-                sequence = F.linear(sequence, projection.weight.flatten(1), projection.bias)
+                sequence = linear(sequence, projection.weight.flatten(1), projection.bias)
             features.append(sequence + self.level_embed.weight[level])
             positions.append(
                 sine_position_embedding(

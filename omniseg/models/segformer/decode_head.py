@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniseg.models.segformer.config import SegformerConfig
+from omniseg.ops.linear import Linear, linear
 
 
 class StageProjection(nn.Module):
@@ -29,7 +30,7 @@ class StageProjection(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_features, out_features)
+        self.proj = Linear(in_features, out_features)
 
 
 class SegformerDecodeHead(nn.Module):
@@ -79,7 +80,7 @@ class SegformerDecodeHead(nn.Module):
         fused = None
         for (tokens, stage_height, stage_width), weight in zip(stages, weights):
             # The summed bias rides on the first stage (already at the output resolution).
-            projected = F.linear(tokens, weight, bias if fused is None else None)
+            projected = linear(tokens, weight, bias if fused is None else None)
             projected = projected.unflatten(1, (stage_height, stage_width)).permute(0, 3, 1, 2)
             if (stage_height, stage_width) != (height, width):
                 projected = F.interpolate(projected, size=(height, width), mode="bilinear", align_corners=False)

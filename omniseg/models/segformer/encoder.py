@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniseg.models.segformer.config import SegformerConfig
+from omniseg.ops.linear import Linear
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -105,9 +106,9 @@ class EfficientSelfAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.sr_ratio = sr_ratio
         self.dropout = dropout
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
+        self.query = Linear(hidden_size, hidden_size)
+        self.key = Linear(hidden_size, hidden_size)
+        self.value = Linear(hidden_size, hidden_size)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
             self.layer_norm = nn.LayerNorm(hidden_size)
@@ -136,7 +137,7 @@ class AttentionOutput(nn.Module):
 
     def __init__(self, *, hidden_size: int, dropout: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -180,10 +181,10 @@ class MixFFN(nn.Module):
     def __init__(self, config: SegformerConfig, *, hidden_size: int, expansion: int) -> None:
         super().__init__()
         inner = int(hidden_size * expansion)
-        self.dense1 = nn.Linear(hidden_size, inner)
+        self.dense1 = Linear(hidden_size, inner)
         self.dwconv = DepthWiseConv(inner)
         self.act = activation(config.hidden_act)
-        self.dense2 = nn.Linear(inner, hidden_size)
+        self.dense2 = Linear(inner, hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omniseg.ops.linear import Linear, linear
+
 # The additive mask value the reference uses between tokens of different shift regions.
 # Not -inf: a finite value keeps the exact same softmax numbers as the reference.
 SHIFT_MASK_VALUE = -100.0
@@ -140,9 +142,9 @@ class WindowSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size
-        self.query = nn.Linear(dim, dim, bias=qkv_bias)
-        self.key = nn.Linear(dim, dim, bias=qkv_bias)
-        self.value = nn.Linear(dim, dim, bias=qkv_bias)
+        self.query = Linear(dim, dim, bias=qkv_bias)
+        self.key = Linear(dim, dim, bias=qkv_bias)
+        self.value = Linear(dim, dim, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size - 1) ** 2, num_heads)
         )
@@ -219,7 +221,7 @@ class WindowSelfAttention(nn.Module):
             qkv = self.stacked_qkv(windows)
         else:
             weight, bias = self._fused_parameters()
-            qkv = F.linear(windows, weight, bias)  # [N, L, 3C]
+            qkv = linear(windows, weight, bias)  # [N, L, 3C]
         count, length, _ = qkv.shape
         qkv = qkv.view(count, length, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4)
@@ -230,7 +232,7 @@ class Dense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(in_features, out_features)
+        self.dense = Linear(in_features, out_features)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dense(hidden_states)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniseg.models.swin.attention import Dense, WindowAttention, WindowLayout, window_layout
+from omniseg.ops.linear import Linear
 
 _ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -131,7 +132,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         # The reference uses LayerNorm's default eps here, not config.layer_norm_eps.
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), 2C]``."""
