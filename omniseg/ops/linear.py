@@ -1,4 +1,4 @@
-"""Linear layers that run float32 CPU inference through oneDNN.
+"""Linear layers (and 1x1 convolutions) that run float32 CPU inference through oneDNN.
 
 ``F.linear`` on a float32 CPU tensor is an MKL ``sgemm``. The oneDNN matmul that PyTorch
 also ships (``mkldnn``) runs the models' large projections faster: 20-40% on an AMD Zen 4
@@ -65,3 +65,20 @@ def as_plain_linear(module: nn.Module) -> nn.Module:
         if type(child) is Linear:
             child.__class__ = nn.Linear
     return module
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters and checkpoint keys) computed as :func:`linear`
+    over the channels of each pixel.
+
+    Takes ``[B, C, H, W]`` and returns ``[B, C_out, H, W]`` in channels-last memory (a
+    permuted view of a ``[B, H, W, C_out]`` result). With a channels-last input no copy is
+    made; PyTorch's own 1x1 convolution takes its slow im2col path on such inputs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        pixels = input.permute(0, 2, 3, 1)  # [B, H, W, C]
+        return linear(pixels, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)

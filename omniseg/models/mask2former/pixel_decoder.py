@@ -7,8 +7,12 @@ result feeds the transformer decoder (one map per level) and, through FPN latera
 output convolutions on the higher-resolution backbone maps, the stride-4 mask features.
 
 Inside the encoder, features travel as sequences ``[B, S, C]`` (all levels concatenated,
-each level row-major); they are turned back into ``[B, C, H, W]`` maps only where a
-convolution or resize needs them. Module and parameter names mirror the hub checkpoints.
+each level row-major). Maps ``[B, C, H, W]`` are kept in channels-last memory, the layout
+of those sequences and of the backbone's outputs: a level's sequence is a map without a
+copy, 1x1 convolutions are matmuls over channels, and PyTorch's CPU convolution, group
+norm and bilinear resize all have channels-last kernels (with channels-first maps of 256
+channels the resize copies to channels-last and back). Module and parameter names mirror
+the hub checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
-from omniseg.ops.linear import Linear
+from omniseg.ops.linear import Linear, PointwiseConv2d
 from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention
 
 # Mask2Former always uses the three lowest-resolution maps in attention, and 4 sampling
@@ -199,7 +203,10 @@ def _reference_points(
 
 
 def _conv_norm(in_channels: int, out_channels: int, *, kernel_size: int, bias: bool) -> list[nn.Module]:
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    if kernel_size == 1:
+        conv = PointwiseConv2d(in_channels, out_channels, bias=bias)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
     return [conv, nn.GroupNorm(32, out_channels)]
 
 
@@ -222,7 +229,7 @@ class Mask2FormerPixelDecoder(nn.Module):
             for channels in feature_channels[::-1][:NUM_ATTENTION_LEVELS]
         )
         self.encoder = PixelDecoderEncoder(config)
-        self.mask_projection = nn.Conv2d(dim, config.mask_feature_size, kernel_size=1)
+        self.mask_projection = PointwiseConv2d(dim, config.mask_feature_size)
 
         # FPN levels between the finest attention level and the mask features' stride.
         finest_attention_stride = min(config.feature_strides[-NUM_ATTENTION_LEVELS:])
@@ -237,10 +244,12 @@ class Mask2FormerPixelDecoder(nn.Module):
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
         """
         Args:
-            features: backbone maps ``[B, C_i, H_i, W_i]``, highest resolution first.
+            features: backbone maps ``[B, C_i, H_i, W_i]``, highest resolution first
+                (channels-last memory is fastest).
 
         Returns:
-            ``mask_features`` ``[B, mask_feature_size, H_0, W_0]`` (stride 4);
+            ``mask_features`` ``[B, mask_feature_size, H_0, W_0]`` (stride 4, channels-last
+            memory);
             the encoder's maps as sequences ``[B, h_l * w_l, feature_size]``, lowest
             resolution first (strides 32, 16, 8); and their ``(h_l, w_l)``.
         """
@@ -265,7 +274,7 @@ class Mask2FormerPixelDecoder(nn.Module):
         # FPN: upsample the finest encoder map and add lateral convs of finer backbone maps.
         batch, channels = sequence.shape[0], sequence.shape[2]
         height, width = spatial_shapes[-1]
-        fpn = multi_scale[-1].transpose(1, 2).reshape(batch, channels, height, width)
+        fpn = multi_scale[-1].view(batch, height, width, channels).permute(0, 3, 1, 2)
         for index in range(self.num_fpn_levels, 0, -1):
             lateral = getattr(self, f"adapter_{index}")(features[index - 1])
             upsampled = F.interpolate(fpn, size=lateral.shape[-2:], mode="bilinear", align_corners=False)

@@ -226,10 +226,13 @@ class MaskPredictor(nn.Module):
         self.mask_embedder = MLPPredictionHead(hidden_dim, hidden_dim, mask_feature_size)
 
     def forward(self, queries: Tensor, mask_features: Tensor) -> Tensor:
-        """``[B, Q, C]`` queries, ``[B, M, H, W]`` mask features -> ``[B, Q, H, W]`` logits."""
-        batch, channels, height, width = mask_features.shape
+        """``[B, Q, C]`` queries, ``[B, M, H, W]`` mask features -> ``[B, Q, H, W]`` logits.
+
+        Mask features in channels-last or channels-first memory are used in place (bmm
+        reads either as a ``[M, H * W]`` matrix)."""
+        batch, _, height, width = mask_features.shape
         embeddings = self.mask_embedder(queries)  # [B, Q, M]
-        masks = torch.bmm(embeddings, mask_features.view(batch, channels, height * width))
+        masks = torch.bmm(embeddings, mask_features.flatten(2))
         return masks.view(batch, -1, height, width)
 
 

@@ -172,8 +172,9 @@ class SwinBackbone(nn.Module):
                 larger than it, as the reference ``SwinModel`` does.
 
         Returns:
-            One ``[B, C_i, H_i, W_i]`` map per name in ``config.out_features``, in that
-            order, after its ``hidden_states_norms`` LayerNorm. ``stem`` is
+            One ``[B, C_i, H_i, W_i]`` map (channels-last memory) per name in
+            ``config.out_features``, in that order, after its ``hidden_states_norms``
+            LayerNorm. ``stem`` is
             ``ceil(H/patch)`` high; each later stage halves (rounding up).
         """
         features = self.embeddings(pixel_values)
@@ -190,5 +191,6 @@ class SwinBackbone(nn.Module):
         return maps
 
     def _to_map(self, name: str, features: torch.Tensor) -> torch.Tensor:
-        """Normalise ``[B, H, W, C]`` and return it channels-first ``[B, C, H, W]``."""
-        return self.hidden_states_norms[name](features).permute(0, 3, 1, 2).contiguous()
+        """Normalise ``[B, H, W, C]`` and return it as ``[B, C, H, W]`` in channels-last
+        memory (a permuted view: the pixel decoder works channels-last)."""
+        return self.hidden_states_norms[name](features).permute(0, 3, 1, 2)
