@@ -5,15 +5,20 @@ read from the level's feature map by bilinear interpolation (``align_corners=Fal
 zeros outside the map), and the points' values are summed with the query's attention
 weights. This is what the reference computes with one ``grid_sample`` per level.
 
-Here the interpolation and the weighted sum are one sparse read per level: every sampled
-point contributes its four neighbouring pixels, each with weight ``attention * bilinear
-weight`` (zero when the pixel lies outside the map), and ``F.embedding_bag`` with
-``per_sample_weights`` gathers and sums those rows of the flattened values without
-materialising the sampled values. The values are read in place in their ``[B, S, H, D]``
-layout and the result comes out as ``[B, Q, H * D]``, with no permutes; the per-level loop
-keeps the index arithmetic on contiguous tensors with scalar operands, which is where the
-time would otherwise go. Gradients flow to the values, the attention weights and (through
-the bilinear weights) the sampling locations.
+Here the interpolation and the weighted sum are one sparse read for all levels: every
+sampled point contributes its four neighbouring pixels, each with weight ``attention *
+bilinear weight``, and ``F.embedding_bag`` with ``per_sample_weights`` gathers and sums
+those rows of the values without materialising the sampled values. Each level is copied
+once into a table with a one-pixel zero border, so a sample's coordinates only need
+clamping to the border: neighbours outside the map then read zeros, with no per-neighbour
+validity masks. The index and weight arithmetic runs on all levels at once.
+
+Speed notes (CPU): elementwise ops that broadcast a small per-level tensor such as
+``[L, 1]`` over ``[..., L, P]`` run an order of magnitude slower than same-shape ones
+(the innermost loop is only P long), so per-level constants are expanded to the full
+``[heads, L, P]`` trailing shape once, and the four neighbours are stacked on a dimension
+outside ``(L, P)``. Gradients flow to the values, the attention weights and (through the
+bilinear weights) the sampling locations.
 """
 
 from __future__ import annotations
@@ -44,47 +49,128 @@ def multi_scale_deformable_attention(
     Returns:
         ``[B, Q, H * D]``: for each query, the heads' weighted sums, concatenated.
     """
-    batch, seq_len, heads, head_dim = value.shape
-    num_queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
-    table = value.reshape(batch * seq_len * heads, head_dim)  # row (b * S + s) * H + h
-    # Row of position s = 0 for each (batch, head): [B, 1, H, 1] against [B, Q, H, P].
-    batch_head_rows = (
-        torch.arange(batch, device=value.device).view(batch, 1, 1, 1) * (seq_len * heads)
-        + torch.arange(heads, device=value.device).view(1, 1, heads, 1)
+    sizes = sampling_locations.new_tensor([(w, h) for h, w in spatial_shapes])  # [L, 2]
+    pixels = sampling_locations * sizes[:, None, :] - 0.5
+    return deformable_sampling(value, spatial_shapes, pixels, attention_weights)
+
+
+def deformable_sampling(
+    value: Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    pixel_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """:func:`multi_scale_deformable_attention` with locations in pixels of each level.
+
+    Args:
+        value: ``[B, S, H, D]``, as in :func:`multi_scale_deformable_attention`.
+        spatial_shapes: ``(height, width)`` of each of the L levels.
+        pixel_locations: ``[B, Q, H, L, P, 2]`` (x, y) of each sample on its level, pixel
+            centres at integers (``normalised * size - 0.5``, as ``align_corners=False``).
+        attention_weights: ``[B, Q, H, L, P]``.
+
+    Returns:
+        ``[B, Q, H * D]``.
+    """
+    batch, _, heads, head_dim = value.shape
+    num_queries, points = pixel_locations.shape[1], pixel_locations.shape[4]
+    table = _bordered_table(value, spatial_shapes)
+    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
+    level = _LevelConstants(spatial_shapes, heads, points, value.dtype, index_dtype, value.device)
+
+    # Coordinates in the bordered maps (a map's pixel (0, 0) is at (1, 1)). Clamping to the
+    # border is exact: a sample beyond it has all its weight on zeros either way.
+    zero = value.new_zeros(())
+    u = torch.clamp(pixel_locations[..., 0] + 1, zero, level.max_u)  # [B, Q, H, L, P]
+    v = torch.clamp(pixel_locations[..., 1] + 1, zero, level.max_v)
+    u0 = u.to(index_dtype)  # truncation is floor here: u, v >= 0
+    v0 = v.to(index_dtype)
+    fx = u - u0
+    fy = v - v0
+
+    # The four neighbours, stacked as [B, Q, H, 4, L, P] in the order (top-left,
+    # top-right, bottom-left, bottom-right): rows of the table, and bilinear weights
+    # times the attention weight.
+    rows_per_image = table.shape[0] // batch
+    top_left = (v0 * level.padded_width + u0) * heads + level.first_row  # [B, Q, H, L, P]
+    if batch > 1:
+        image_rows = torch.arange(batch, device=value.device, dtype=index_dtype) * rows_per_image
+        top_left = top_left + image_rows.view(batch, 1, 1, 1, 1)
+    rows = torch.stack(
+        (top_left, top_left + heads, top_left + level.row_stride, top_left + level.row_stride + heads), dim=3
     )
-    output = None
-    level_start = 0
-    for level, (height, width) in enumerate(spatial_shapes):
-        # Pixel coordinates with pixel centres at integers (align_corners=False); the
-        # sample lies between columns x0, x0 + 1 and rows y0, y0 + 1.
-        x = sampling_locations[:, :, :, level, :, 0] * width - 0.5  # [B, Q, H, P]
-        y = sampling_locations[:, :, :, level, :, 1] * height - 0.5
-        x0 = x.floor()
-        y0 = y.floor()
-        fx = x - x0
-        fy = y - y0
-        # Bilinear weights, zero for neighbours outside the map (zero padding); the
-        # attention weight is folded into the row weights.
-        attention = attention_weights[:, :, :, level]
-        wx0 = (1 - fx) * ((x0 >= 0) & (x0 < width))
-        wx1 = fx * ((x0 >= -1) & (x0 < width - 1))
-        wy0 = (1 - fy) * ((y0 >= 0) & (y0 < height)) * attention
-        wy1 = fy * ((y0 >= -1) & (y0 < height - 1)) * attention
-        weights = torch.stack((wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), dim=-2)  # [B, Q, H, 4, P]
+    bottom = fy * attention_weights
+    top = attention_weights - bottom
+    top_right = top * fx
+    bottom_right = bottom * fx
+    weights = torch.stack((top - top_right, top_right, bottom - bottom_right, bottom_right), dim=3)
 
-        # Rows of the four neighbours in ``table``. A neighbour outside the map may point
-        # at another pixel, or past the table's ends (hence the clamp): its weight is zero.
-        top_left = batch_head_rows + (level_start + y0.long() * width + x0.long()) * heads
-        rows = torch.stack(
-            (top_left, top_left + heads, top_left + width * heads, top_left + (width + 1) * heads), dim=-2
-        ).clamp_(0, table.shape[0] - 1)
-
-        sampled = F.embedding_bag(
-            rows.view(-1, points * 4),
-            table,
-            per_sample_weights=weights.view(-1, points * 4).to(value.dtype),
-            mode="sum",
-        )  # [B * Q * H, D]
-        output = sampled if output is None else output + sampled
-        level_start += height * width
+    bag = rows[0, 0, 0].numel()  # 4 * L * P neighbours per (image, query, head)
+    output = F.embedding_bag(
+        rows.view(-1, bag), table, per_sample_weights=weights.view(-1, bag), mode="sum"
+    )  # [B * Q * H, D]
     return output.view(batch, num_queries, heads * head_dim)
+
+
+def _bordered_table(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]) -> Tensor:
+    """The values of every level with a one-pixel zero border, as one table of rows.
+
+    Args:
+        value: ``[B, S, H, D]``.
+
+    Returns:
+        ``[B * R * H, D]``: row ``(b * R + s) * H + h`` holds head ``h`` of position ``s``
+        of image ``b``, where ``s`` runs over the bordered ``(h + 2) x (w + 2)`` maps
+        (row-major, concatenated) and then ``w_last + 3`` spare zero rows: the right and
+        bottom neighbours of a sample clamped to the last map's bottom-right border,
+        read with weight 0.
+    """
+    batch, _, heads, head_dim = value.shape
+    bordered = [(h + 2) * (w + 2) for h, w in spatial_shapes]
+    spare = spatial_shapes[-1][1] + 3
+    table = value.new_zeros(batch, sum(bordered) + spare, heads, head_dim)
+    start = source = 0
+    for (height, width), size in zip(spatial_shapes, bordered):
+        inner = table[:, start : start + size].view(batch, height + 2, width + 2, heads, head_dim)
+        inner[:, 1:-1, 1:-1] = value[:, source : source + height * width].view(batch, height, width, heads, head_dim)
+        start += size
+        source += height * width
+    return table.view(-1, head_dim)
+
+
+class _LevelConstants:
+    """Per-level sizes for :func:`deformable_sampling`, expanded to ``[H, L, P]`` (see the
+    module docstring for why).
+
+    Attributes:
+        max_u, max_v: the bordered maps' last column / row, ``w + 1`` and ``h + 1``.
+        padded_width: ``w + 2``.
+        first_row: table row of head ``h`` at the level's first bordered position.
+        row_stride: table rows between vertically adjacent pixels, ``(w + 2) * H``.
+    """
+
+    def __init__(
+        self,
+        spatial_shapes: Sequence[tuple[int, int]],
+        heads: int,
+        points: int,
+        dtype: torch.dtype,
+        index_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        levels = len(spatial_shapes)
+
+        def expand(per_level: list[int], dtype: torch.dtype) -> Tensor:
+            values = torch.tensor(per_level, dtype=dtype, device=device)
+            return values.view(1, levels, 1).expand(heads, levels, points).contiguous()
+
+        widths = [w for _, w in spatial_shapes]
+        starts = [0]
+        for height, width in spatial_shapes[:-1]:
+            starts.append(starts[-1] + (height + 2) * (width + 2))
+        self.max_u = expand([w + 1 for w in widths], dtype)
+        self.max_v = expand([h + 1 for h, _ in spatial_shapes], dtype)
+        self.padded_width = expand([w + 2 for w in widths], index_dtype)
+        head = torch.arange(heads, dtype=index_dtype, device=device).view(heads, 1, 1)
+        self.first_row = expand(starts, index_dtype) * heads + head
+        self.row_stride = self.padded_width * heads

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
 from omniseg.ops.linear import Linear, PointwiseConv2d
-from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention
+from omniseg.ops.ms_deform_attn import deformable_sampling
 
 # Mask2Former always uses the three lowest-resolution maps in attention, and 4 sampling
 # points per head and level in the deformable encoder.
@@ -110,7 +110,9 @@ class MultiscaleDeformableAttention(nn.Module):
         Args:
             hidden_states: ``[B, S, C]`` all levels' features (they are queries and values).
             position_embeddings: ``[S, C]`` added to the queries (not the values).
-            reference_points: ``[S, 2]`` (x, y) in [0, 1], each query's own position.
+            reference_points: ``[S, heads, L, P, 2]`` each query's own position in pixels
+                of every level, (x, y) with pixel centres at integers (see
+                :func:`_reference_points`), repeated for every head and point.
             spatial_shapes: ``(height, width)`` of each level.
 
         Returns:
@@ -121,14 +123,12 @@ class MultiscaleDeformableAttention(nn.Module):
         queries = hidden_states + position_embeddings
         value = self.value_proj(hidden_states).view(batch, seq_len, heads, channels // heads)
         offsets = self.sampling_offsets(queries).view(batch, seq_len, heads, levels, points, 2)
-        weights = self.attention_weights(queries).view(batch, seq_len, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, seq_len, heads, levels, points)
-        # Offsets are in pixels of each level: normalise by (width, height).
-        normalizer = torch.tensor(
-            [(w, h) for h, w in spatial_shapes], device=offsets.device, dtype=offsets.dtype
-        )
-        locations = reference_points[:, None, None, None, :] + offsets / normalizer[:, None, :]
-        output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+        weights = _softmax(self.attention_weights(queries).view(batch, seq_len, heads, levels * points))
+        weights = weights.view(batch, seq_len, heads, levels, points)
+        # Offsets are in pixels of each level, like the reference points: the sampling
+        # locations are their sums, with no normalising to [0, 1] and back.
+        locations = offsets + reference_points  # [B, S, heads, L, P, 2]
+        output = deformable_sampling(value, spatial_shapes, locations, weights)
         return self.output_proj(output)
 
 
@@ -180,7 +180,16 @@ class PixelDecoderEncoder(nn.Module):
         self, hidden_states: Tensor, position_embeddings: Tensor, spatial_shapes: Sequence[tuple[int, int]]
     ) -> Tensor:
         """``[B, S, C]`` -> ``[B, S, C]``; ``position_embeddings`` is ``[S, C]``."""
+        attention = self.layers[0].self_attn
         reference_points = _reference_points(spatial_shapes, hidden_states.device, hidden_states.dtype)
+        # Repeated to the sampling offsets' trailing shape once for all layers: on CPU a
+        # same-shape add is much faster than one broadcasting over heads and points.
+        seq_len, levels = reference_points.shape[:2]
+        reference_points = (
+            reference_points[:, None, :, None, :]
+            .expand(seq_len, attention.n_heads, levels, attention.n_points, 2)
+            .contiguous()
+        )
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, reference_points, spatial_shapes)
         return hidden_states
@@ -189,7 +198,8 @@ class PixelDecoderEncoder(nn.Module):
 def _reference_points(
     spatial_shapes: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """``[S, 2]``: the (x, y) centre of every position of every level, normalised to [0, 1].
+    """``[S, L, 2]``: the centre of every position of every level, as (x, y) in pixels of
+    each of the L levels (pixel centres at integers, i.e. ``normalised * size - 0.5``).
 
     Mask2Former treats every pixel of the (padded) input as valid, so a query's reference
     point is the same fraction of the map on every level.
@@ -199,7 +209,16 @@ def _reference_points(
         y = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height
         x = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width
         points.append(torch.stack(torch.meshgrid(x, y, indexing="xy"), -1).view(-1, 2))
-    return torch.cat(points)
+    normalised = torch.cat(points)  # [S, 2] in [0, 1]
+    sizes = torch.tensor([(w, h) for h, w in spatial_shapes], device=device, dtype=dtype)  # [L, 2]
+    return normalised[:, None, :] * sizes - 0.5
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    """``logits.softmax(-1)``, written out: PyTorch's CPU softmax kernel is several times
+    slower on rows as short as the deformable attention's (levels * points = 12)."""
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _conv_norm(in_channels: int, out_channels: int, *, kernel_size: int, bias: bool) -> list[nn.Module]:
