@@ -378,3 +378,24 @@ def test_panoptic_fused_id_reuse_matches_reference_counter() -> None:
     expected = _reference().post_process_panoptic_segmentation(outputs, label_ids_to_fuse={0})
     _assert_result_match(ours[0], expected[0])
     assert [s["id"] for s in ours[0]["segments_info"]] == [1, 2, 1, 2]
+
+
+def test_panoptic_ties_and_nan_across_query_chunks() -> None:
+    # More queries than one chunk of the running argmax: identical masks and scores tie
+    # everywhere (the first query must win), and a query with NaN logits in a later chunk
+    # takes the pixels where it is NaN (argmax ranks NaN first), as in the reference.
+    queries = 21
+    masks = torch.full((1, queries, 12, 16), 2.0)
+    masks[0, 13, 3:6, 4:9] = float("nan")
+    masks[0, 17, 7:, 10:] = float("inf")
+    logits = torch.full((1, queries, 4), -5.0)
+    logits[0, :, 1] = 5.0
+    outputs = SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+    for target_sizes in (None, [(25, 31)]):
+        kwargs = {"threshold": 0.5, "overlap_mask_area_threshold": 0.0, "target_sizes": target_sizes}
+        ours = mask_classification.post_process_panoptic_segmentation(outputs, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = _reference().post_process_panoptic_segmentation(outputs, **kwargs)
+        _assert_result_match(ours[0], expected[0])
+        assert len(ours[0]["segments_info"]) >= 2
