@@ -399,3 +399,22 @@ def test_panoptic_ties_and_nan_across_query_chunks() -> None:
             expected = _reference().post_process_panoptic_segmentation(outputs, **kwargs)
         _assert_result_match(ours[0], expected[0])
         assert len(ours[0]["segments_info"]) >= 2
+
+
+def test_semantic_ties_and_nan_across_class_chunks() -> None:
+    # 20 classes (more than one chunk of the running argmax): classes 3 and 12 score the
+    # same everywhere (the first must win), and NaN / inf logits make NaN scores (of every
+    # class at a pixel: argmax gives class 0 there).
+    queries, classes = 5, 20
+    masks = torch.randn(1, queries, 12, 16, generator=torch.Generator().manual_seed(0)) * 3
+    masks[0, 1, 3:6, 4:9] = float("nan")
+    masks[0, 2, 7:, 10:] = float("inf")
+    logits = torch.full((1, queries, classes + 1), -5.0)
+    logits[0, :, 3] = logits[0, :, 12] = 4.0
+    logits[0, 4, 15] = 6.0
+    outputs = SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+    for target_sizes in (None, [(25, 31)]):
+        ours = mask_classification.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        expected = _reference().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        assert torch.equal(ours[0], expected[0])
+        assert {3, 15} <= set(ours[0].unique().tolist())

@@ -12,7 +12,7 @@ overlap ratios are computed for all segments at once, and the maps are painted i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,14 +109,20 @@ def post_process_semantic_segmentation(
     batch_size = class_logits.shape[0]
     _check_target_sizes(target_sizes, batch_size)
     class_probs = class_logits.softmax(dim=-1)[..., :-1]
-    mask_probs = _to_reference_size(mask_logits).sigmoid()
+    mask_probs = _to_reference_size(mask_logits).sigmoid_()
     scores = torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # [B, C, 384, 384]
     if target_sizes is None:
         return [_first_argmax(scores[i]) for i in range(batch_size)]
+    # Finite logits give finite scores, and resizing finite maps cannot make NaN.
+    may_be_nan = not _all_finite(class_logits, mask_logits)
     results = []
     for i in range(batch_size):
-        resized = F.interpolate(scores[i : i + 1], size=_target_size(target_sizes, i), mode="bilinear", align_corners=False)
-        results.append(_first_argmax(resized[0]))
+        size = _target_size(target_sizes, i)
+
+        def resized(start: int, stop: int, i: int = i, size: tuple[int, int] = size) -> torch.Tensor:
+            return F.interpolate(scores[i : i + 1, start:stop], size=size, mode="bilinear", align_corners=False)[0]
+
+        results.append(_chunked_first_argmax(resized, scores.shape[1], may_be_nan=may_be_nan))
     return results
 
 
@@ -341,21 +347,15 @@ def post_process_panoptic_segmentation(
     return results
 
 
-# Queries upsampled together in panoptic post-processing: small enough that each chunk's
-# full-size maps stay in cache and their memory is reused (all 100 queries of a 640x480
-# image at once are 120 MB of fresh memory, whose page faults cost as much as the resize).
-_PANOPTIC_CHUNK = 8
-
-
 def _panoptic_owners(
     mask_logits: torch.Tensor, scores: torch.Tensor, size: tuple[int, int] | None, mask_threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which query owns each pixel, and each query's own mask area, for panoptic segments.
 
     With ``probs = resize(sigmoid(_to_reference_size(mask_logits)), size) * scores`` (what the
-    reference builds for all queries at once), returns ``probs.argmax(0)`` (first query on
-    ties, as argmax with NaN) and the count of pixels with ``probs >= mask_threshold`` per
-    query. The same numbers, computed a few queries at a time with a running maximum.
+    reference builds for all queries at once), returns ``probs.argmax(0)`` and the count of
+    pixels with ``probs >= mask_threshold`` per query: the same numbers, computed a few
+    queries at a time (see :func:`_chunked_first_argmax`).
 
     Args:
         mask_logits: ``[K, h, w]`` logits of the kept queries.
@@ -373,30 +373,57 @@ def _panoptic_owners(
     margin = 1e-5 * (peak.abs() + 1)
     bound = scores * (peak + margin).sigmoid() * (1 + 1e-5)
     reachable = ((bound >= mask_threshold) | bound.isnan()).tolist()
-    # Non-finite logits can make NaN probabilities (inf * 0 weight), which argmax ranks first.
-    extremes = torch.cat([peak, mask_logits.flatten(1).amin(1), scores])
-    may_be_nan = not bool(torch.isfinite(extremes).all())
-
     own_area = torch.zeros(count, dtype=torch.long, device=mask_logits.device)
-    best = owner = None
-    for start in range(0, count, _PANOPTIC_CHUNK):
-        stop = min(start + _PANOPTIC_CHUNK, count)
+
+    def probabilities(start: int, stop: int) -> torch.Tensor:
         probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
         if size is not None:
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
         probs.mul_(scores[start:stop].view(-1, 1, 1))
-        chunk_best, chunk_owner = _first_max(probs)
-        chunk_owner += start
-        if best is None:
-            best, owner = chunk_best, chunk_owner
-        else:
-            # Strictly greater: on ties the earlier query keeps the pixel.
-            better = chunk_best > best
-            if may_be_nan:
-                better |= chunk_best.isnan() & ~best.isnan()
-            owner = torch.where(better, chunk_owner, owner)
-            best = torch.maximum(best, chunk_best)  # NaN-propagating, like argmax
         for k in range(start, stop):
             if reachable[k]:
                 own_area[k] = torch.count_nonzero(probs[k - start] >= mask_threshold)
-    return owner, own_area
+        return probs
+
+    may_be_nan = not _all_finite(peak, mask_logits.flatten(1).amin(1), scores)
+    return _chunked_first_argmax(probabilities, count, may_be_nan=may_be_nan), own_area
+
+
+# Maps resized together by _chunked_first_argmax: few enough that a chunk's full-size maps
+# stay in cache and their memory is reused (all 100 queries of a 640x480 image at once are
+# 120 MB of fresh memory, whose page faults cost as much as the resize itself).
+_CHUNK = 8
+
+
+def _chunked_first_argmax(
+    values: Callable[[int, int], torch.Tensor], count: int, *, may_be_nan: bool
+) -> torch.Tensor:
+    """``argmax(dim=0)`` of ``count`` maps that are made a few at a time.
+
+    Args:
+        values: ``values(start, stop)`` returns maps ``start`` to ``stop - 1``, ``[k, H, W]``.
+        count: number of maps.
+        may_be_nan: whether a map can hold NaN (which argmax ranks above everything).
+
+    Returns:
+        ``[H, W]`` long: the first index of the maximum (the first NaN, if any), as
+        ``torch.cat([values(...) ...]).argmax(0)`` would give.
+    """
+    best = owner = None
+    for start in range(0, count, _CHUNK):
+        chunk_best, chunk_owner = _first_max(values(start, min(start + _CHUNK, count)))
+        chunk_owner += start
+        if best is None:
+            best, owner = chunk_best, chunk_owner
+            continue
+        # Strictly greater: on ties the earlier map keeps the pixel.
+        better = chunk_best > best
+        if may_be_nan:
+            better |= chunk_best.isnan() & ~best.isnan()
+        owner = torch.where(better, chunk_owner, owner)
+        best = torch.maximum(best, chunk_best)  # NaN-propagating, like argmax
+    return owner
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
