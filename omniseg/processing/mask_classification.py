@@ -186,23 +186,17 @@ def post_process_instance_segmentation(
 
         if candidates.numel() > 0:
             queries, pair_to_query = torch.unique(top_queries[candidates], return_inverse=True)
-            logits = _to_reference_size(mask_logits[i, queries])  # [U, 384, 384]
-            binary = logits > 0
-            # Mean sigmoid inside the mask: the same values summed as the reference's
-            # sigmoid * mask product, without materialising a float copy of the mask.
-            inside = logits.sigmoid_().masked_fill_(~binary, 0.0).flatten(1)
-            area = binary.flatten(1).sum(1, dtype=torch.int32).to(logits.dtype)
-            mask_scores = inside.sum(1) / (area + 1e-6)
+            binary, area, mask_scores = _binary_masks_and_scores(mask_logits[i], queries)
             pair_scores = top_scores[candidates] * mask_scores[pair_to_query]
             # Score and emptiness (of the mask as nearest-resized to the output size) of each pair.
             passing = pair_scores.double() >= threshold  # Python-float comparison, as .item()
             sampled_rows, sampled_cols = rows.unique(), cols.unique()
-            sampled = binary
-            if sampled_rows.numel() < REFERENCE_MASK_SIZE[0]:
-                sampled = sampled.index_select(1, sampled_rows)
-            if sampled_cols.numel() < REFERENCE_MASK_SIZE[1]:
-                sampled = sampled.index_select(2, sampled_cols)
-            non_empty = sampled.flatten(1).any(dim=1)[pair_to_query]
+            if (sampled_rows.numel(), sampled_cols.numel()) == REFERENCE_MASK_SIZE:
+                non_empty = area > 0  # every pixel survives the resize
+            else:
+                sampled = binary.index_select(1, sampled_rows).index_select(2, sampled_cols)
+                non_empty = sampled.flatten(1).any(dim=1)
+            non_empty = non_empty[pair_to_query]
             keep = torch.nonzero(passing & non_empty).flatten()
             if keep.numel() > 0:
                 kept = binary.index_select(0, pair_to_query[keep])  # [K, 384, 384] in segment order
@@ -221,6 +215,34 @@ def post_process_instance_segmentation(
         else:
             results.append({"segmentation": segmentation, "segments_info": segments})
     return results
+
+
+def _binary_masks_and_scores(
+    mask_logits: torch.Tensor, queries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The instance masks of some queries, as the reference computes them.
+
+    Args:
+        mask_logits: ``[Q, h, w]`` one image's mask logits.
+        queries: ``[U]`` indices of the queries wanted.
+
+    Returns:
+        ``binary [U, 384, 384]`` (bool, logits > 0 at the reference size), ``area [U]``
+        (int32, pixels in the mask) and ``mask_scores [U]`` (mean sigmoid inside the mask:
+        the reference's ``(sigmoid * binary).sum() / (area + 1e-6)``, same float32 sums).
+        Computed a chunk of queries at a time, so the float maps stay small and in cache.
+    """
+    count = queries.numel()
+    binary = torch.empty((count, *REFERENCE_MASK_SIZE), dtype=torch.bool, device=mask_logits.device)
+    area = torch.empty(count, dtype=torch.int32, device=mask_logits.device)
+    inside = mask_logits.new_empty(count)
+    for start in range(0, count, _CHUNK):
+        stop = min(start + _CHUNK, count)
+        logits = _to_reference_size(mask_logits.index_select(0, queries[start:stop]))  # [k, 384, 384]
+        chunk = torch.gt(logits, 0, out=binary[start:stop])
+        area[start:stop] = chunk.flatten(1).sum(1, dtype=torch.int32)
+        inside[start:stop] = logits.sigmoid_().mul_(chunk).flatten(1).sum(1)
+    return binary, area, inside / (area.to(inside.dtype) + 1e-6)
 
 
 def _paint_last_wins(masks: torch.Tensor) -> torch.Tensor:
