@@ -356,10 +356,13 @@ def test_legacy_size_and_max_size_keys(tmp_path: Path) -> None:
 
 def test_fast_argmax_equals_torch_argmax_with_ties_and_nan() -> None:
     g = torch.Generator().manual_seed(1)
-    values = torch.randint(0, 3, (7, 5, 6), generator=g).float()  # many ties
+    values = torch.randint(0, 3, (21, 5, 6), generator=g).float()  # many ties, several chunks
     values[2, 0, 0] = float("nan")
+    values[[12, 19], 1, 1] = float("nan")  # NaN in later chunks only
     values[:, 4, 5] = float("nan")
     assert torch.equal(mask_classification._first_argmax(values), values.argmax(dim=0))
+    finite = values.nan_to_num(0.0)
+    assert torch.equal(mask_classification._first_argmax(finite, may_be_nan=False), finite.argmax(dim=0))
     many = torch.randint(0, 4, (300, 3, 4), generator=g).float()  # beyond the uint8 fast path
     assert torch.equal(mask_classification._first_argmax(many), many.argmax(dim=0))
 

@@ -111,10 +111,10 @@ def post_process_semantic_segmentation(
     class_probs = class_logits.softmax(dim=-1)[..., :-1]
     mask_probs = _to_reference_size(mask_logits).sigmoid_()
     scores = torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # [B, C, 384, 384]
-    if target_sizes is None:
-        return [_first_argmax(scores[i]) for i in range(batch_size)]
     # Finite logits give finite scores, and resizing finite maps cannot make NaN.
     may_be_nan = not _all_finite(class_logits, mask_logits)
+    if target_sizes is None:
+        return [_first_argmax(scores[i], may_be_nan=may_be_nan) for i in range(batch_size)]
     results = []
     for i in range(batch_size):
         size = _target_size(target_sizes, i)
@@ -254,30 +254,10 @@ def _paint_last_wins(masks: torch.Tensor) -> torch.Tensor:
     return painted.to(torch.float32) - 1.0
 
 
-def _first_argmax(values: torch.Tensor) -> torch.Tensor:
-    """``values.argmax(dim=0)`` for ``[K, H, W]`` (first maximum on ties, first NaN if any)."""
-    return _first_max(values)[1]
-
-
-def _first_max(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values.amax(dim=0), values.argmax(dim=0))`` for ``[K, H, W]``: the maximum and its
-    first index (the first NaN where there is one, as argmax), computed with fast vectorised
-    max reductions instead of the slow strided argmax kernel."""
-    count = values.shape[0]
-    best = values.amax(dim=0)
-    if count >= 256:
-        return best, values.argmax(dim=0)
-    # Weight K - k on maxima: the largest weight marks the first maximum.
-    weights = torch.arange(count, 0, -1, device=values.device).to(torch.uint8).view(-1, 1, 1)
-    is_max = (values == best).view(torch.uint8)
-    is_max.mul_(weights)
-    first = count - is_max.amax(dim=0).long()
-    if values.is_floating_point():
-        # A NaN maximum equals nothing; argmax reports the first NaN.
-        nan = torch.isnan(best)
-        if bool(nan.any()):
-            first = torch.where(nan, values.isnan().view(torch.uint8).argmax(dim=0), first)
-    return best, first
+def _first_argmax(values: torch.Tensor, *, may_be_nan: bool = True) -> torch.Tensor:
+    """``values.argmax(dim=0)`` for ``[K, H, W]`` (first maximum on ties, first NaN if any);
+    ``may_be_nan=False`` skips the NaN handling for values known to be NaN-free."""
+    return _chunked_first_argmax(lambda start, stop: values[start:stop], values.shape[0], may_be_nan=may_be_nan)
 
 
 def _nearest_indices(
@@ -420,7 +400,7 @@ _CHUNK = 8
 def _chunked_first_argmax(
     values: Callable[[int, int], torch.Tensor], count: int, *, may_be_nan: bool
 ) -> torch.Tensor:
-    """``argmax(dim=0)`` of ``count`` maps that are made a few at a time.
+    """``argmax(dim=0)`` of ``count`` maps that are made (or read) a few at a time.
 
     Args:
         values: ``values(start, stop)`` returns maps ``start`` to ``stop - 1``, ``[k, H, W]``.
@@ -430,21 +410,40 @@ def _chunked_first_argmax(
     Returns:
         ``[H, W]`` long: the first index of the maximum (the first NaN, if any), as
         ``torch.cat([values(...) ...]).argmax(0)`` would give.
+
+    PyTorch's argmax over the first dimension is a slow strided reduction, while max
+    reductions over it are fast. So each map ``k`` gets the rank ``count - k`` (a small
+    integer), the winner of a chunk is the largest rank among its maxima, and a running
+    maximum over chunks keeps the earlier map on ties (only a strictly greater value wins).
     """
-    best = owner = None
+    rank_dtype = torch.uint8 if count < 2**8 else torch.int16 if count < 2**15 else torch.int32
+    best = rank = None
     for start in range(0, count, _CHUNK):
-        chunk_best, chunk_owner = _first_max(values(start, min(start + _CHUNK, count)))
-        chunk_owner += start
+        stop = min(start + _CHUNK, count)
+        chunk = values(start, stop)
+        ranks = torch.arange(count - start, count - stop, -1, device=chunk.device).to(rank_dtype).view(-1, 1, 1)
+        chunk_best = chunk.amax(dim=0)
+        chunk_rank = _as_rank(chunk == chunk_best, rank_dtype).mul_(ranks).amax(dim=0)
+        if may_be_nan:
+            # A NaN maximum equals nothing; argmax takes the first NaN.
+            nan = chunk_best.isnan()
+            nan_rank = _as_rank(chunk.isnan(), rank_dtype).mul_(ranks).amax(dim=0)
+            chunk_rank = torch.where(nan, nan_rank, chunk_rank)
         if best is None:
-            best, owner = chunk_best, chunk_owner
+            best, rank = chunk_best, chunk_rank
             continue
         # Strictly greater: on ties the earlier map keeps the pixel.
         better = chunk_best > best
         if may_be_nan:
-            better |= chunk_best.isnan() & ~best.isnan()
-        owner = torch.where(better, chunk_owner, owner)
+            better |= nan & ~best.isnan()
+        rank = torch.where(better, chunk_rank, rank)
         best = torch.maximum(best, chunk_best)  # NaN-propagating, like argmax
-    return owner
+    return count - rank.long()
+
+
+def _as_rank(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool tensor as 0/1 integers of ``dtype`` (a free view for uint8)."""
+    return mask.view(torch.uint8) if dtype == torch.uint8 else mask.to(dtype)
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:

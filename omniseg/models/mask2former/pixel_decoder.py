@@ -257,7 +257,7 @@ class Mask2FormerPixelDecoder(nn.Module):
             self.add_module(f"adapter_{index}", nn.Sequential(*_conv_norm(channels, dim, kernel_size=1, bias=False)))
             self.add_module(
                 f"layer_{index}",
-                nn.Sequential(*_conv_norm(dim, dim, kernel_size=3, bias=False), nn.ReLU()),
+                nn.Sequential(*_conv_norm(dim, dim, kernel_size=3, bias=False), nn.ReLU(inplace=True)),
             )
 
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
@@ -297,5 +297,5 @@ class Mask2FormerPixelDecoder(nn.Module):
         for index in range(self.num_fpn_levels, 0, -1):
             lateral = getattr(self, f"adapter_{index}")(features[index - 1])
             upsampled = F.interpolate(fpn, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-            fpn = getattr(self, f"layer_{index}")(lateral + upsampled)
+            fpn = getattr(self, f"layer_{index}")(upsampled.add_(lateral))
         return self.mask_projection(fpn), multi_scale, spatial_shapes

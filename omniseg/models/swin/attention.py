@@ -283,23 +283,21 @@ class WindowAttention(nn.Module):
         query, key, value = self.self.fused_qkv(windows.view(batch * num_windows, length, channels))
         bias = self.self.position_bias(layout.window_size).to(tokens.dtype)  # [h, L, L]
         dropout = self.attention_dropout if self.training else 0.0
+        # SDPA returns [N, h, L, d] views of [N, L, h, d] memory: transposed back, the
+        # windows' tokens are rows of C channels with no copy.
         if layout.shift_mask is None:
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=bias[None], dropout_p=dropout
-            )
+            ).transpose(1, 2)
         else:
             # The per-window mask differs between windows but not between images: attend
             # image by image rather than materialising the mask batch times.
             attn_bias = bias[None] + layout.shift_mask.to(bias.dtype)[:, None]  # [nW, h, L, L]
-            context = torch.cat(
-                [
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout)
-                    for q, k, v in zip(
-                        query.split(num_windows), key.split(num_windows), value.split(num_windows)
-                    )
-                ]
-            )
-        # [B*nW, h, L, d] -> [B, nW*L, C]; free when SDPA returns [N, L, h, d] memory.
-        context = context.transpose(1, 2).reshape(batch, num_windows * length, channels)
+            contexts = [
+                F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout).transpose(1, 2)
+                for q, k, v in zip(query.split(num_windows), key.split(num_windows), value.split(num_windows))
+            ]
+            context = contexts[0] if batch == 1 else torch.cat(contexts)
+        context = context.reshape(batch, num_windows * length, channels)  # [B, nW*L, C]
         # Back to map order (dropping padding) before the projection: fewer rows to project.
         return self.output(context.index_select(1, layout.restore_index))
