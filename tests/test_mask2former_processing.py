@@ -354,17 +354,21 @@ def test_legacy_size_and_max_size_keys(tmp_path: Path) -> None:
     assert dict(_reference_from(tmp_path).size) == ours.size
 
 
+def _first_argmax(values: torch.Tensor, may_be_nan: bool = True) -> torch.Tensor:
+    return mask_classification._chunked_first_argmax(lambda a, b: values[a:b], len(values), may_be_nan=may_be_nan)
+
+
 def test_fast_argmax_equals_torch_argmax_with_ties_and_nan() -> None:
     g = torch.Generator().manual_seed(1)
     values = torch.randint(0, 3, (21, 5, 6), generator=g).float()  # many ties, several chunks
     values[2, 0, 0] = float("nan")
     values[[12, 19], 1, 1] = float("nan")  # NaN in later chunks only
     values[:, 4, 5] = float("nan")
-    assert torch.equal(mask_classification._first_argmax(values), values.argmax(dim=0))
+    assert torch.equal(_first_argmax(values), values.argmax(dim=0))
     finite = values.nan_to_num(0.0)
-    assert torch.equal(mask_classification._first_argmax(finite, may_be_nan=False), finite.argmax(dim=0))
+    assert torch.equal(_first_argmax(finite, may_be_nan=False), finite.argmax(dim=0))
     many = torch.randint(0, 4, (300, 3, 4), generator=g).float()  # beyond the uint8 fast path
-    assert torch.equal(mask_classification._first_argmax(many), many.argmax(dim=0))
+    assert torch.equal(_first_argmax(many), many.argmax(dim=0))
 
 
 def test_panoptic_fused_id_reuse_matches_reference_counter() -> None:
@@ -421,3 +425,25 @@ def test_semantic_ties_and_nan_across_class_chunks() -> None:
         expected = _reference().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
         assert torch.equal(ours[0], expected[0])
         assert {3, 15} <= set(ours[0].unique().tolist())
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_semantic_leaders_and_boundaries_match_reference(scale) -> None:
+    # Smooth masks of a few classes at Mask2Former's 1/4 resolution (96x128 for 384x512
+    # inputs): large areas where one class clearly leads (answered without resizing the class
+    # maps), boundaries and near ties where the exact path decides; mild and saturated logits.
+    # The second image has one class leading everywhere.
+    g = torch.Generator().manual_seed(3)
+    queries, classes = 10, 6
+    masks = torch.nn.functional.interpolate(
+        torch.randn(2, queries, 6, 8, generator=g), size=(96, 128), mode="bilinear", align_corners=False
+    ) * scale
+    logits = torch.randn(2, queries, classes + 1, generator=g) * 3
+    logits[1, :, 4] += 15.0
+    outputs = SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+    for target_sizes in (None, [(480, 640), (61, 83)]):
+        ours = mask_classification.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        expected = _reference().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        for a, b in zip(ours, expected):
+            assert torch.equal(a, b)
+        assert len(ours[0].unique()) >= 3 and ours[1].unique().tolist() == [4]

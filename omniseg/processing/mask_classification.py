@@ -103,27 +103,180 @@ def post_process_semantic_segmentation(
 
     Returns:
         ``B`` int64 tensors ``[height, width]`` of class ids: argmax over classes of
-        ``sum_q softmax(class)[q, c] * sigmoid(mask)[q]``.
+        ``sum_q softmax(class)[q, c] * sigmoid(mask)[q]`` (masks at 384x384, the class maps
+        then resized bilinearly to the target, as the reference does); see :func:`_semantic_map`.
     """
     class_logits, mask_logits = _logits(outputs)
     batch_size = class_logits.shape[0]
     _check_target_sizes(target_sizes, batch_size)
     class_probs = class_logits.softmax(dim=-1)[..., :-1]
-    mask_probs = _to_reference_size(mask_logits).sigmoid_()
-    scores = torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # [B, C, 384, 384]
     # Finite logits give finite scores, and resizing finite maps cannot make NaN.
     may_be_nan = not _all_finite(class_logits, mask_logits)
-    if target_sizes is None:
-        return [_first_argmax(scores[i], may_be_nan=may_be_nan) for i in range(batch_size)]
-    results = []
-    for i in range(batch_size):
-        size = _target_size(target_sizes, i)
+    return [
+        _semantic_map(class_probs[i], mask_logits[i], _target_size(target_sizes, i), may_be_nan=may_be_nan)
+        for i in range(batch_size)
+    ]
 
-        def resized(start: int, stop: int, i: int = i, size: tuple[int, int] = size) -> torch.Tensor:
-            return F.interpolate(scores[i : i + 1, start:stop], size=size, mode="bilinear", align_corners=False)[0]
 
-        results.append(_chunked_first_argmax(resized, scores.shape[1], may_be_nan=may_be_nan))
-    return results
+# Rows of the 384x384 maps made at a time: ``[Q, 8 * 384]`` mask probabilities and
+# ``[C, 8 * 384]`` class scores stay in cache.
+_SCORE_BAND_ROWS = 8
+# A class wins an output pixel outright when, at each source pixel the resize reads, it
+# leads every other class by more than this fraction of its score (and by more than a tiny
+# absolute floor, so that scores near float32's subnormal range need no thought). Bilinear
+# weights are non-negative, so such a lead carries over to the resized scores. The scores
+# the lead is measured on are the reference's to within ~1.5e-5 relative (two float32 sums
+# of 100 non-negative terms) plus the effect of resizing the masks another way: torch rounds
+# each source position (< in_size) to float32, so a bilinear weight may be off by a few ulps
+# of in_size, and the logit by that times the largest |mask logit| difference; the rounding
+# of the arithmetic adds a few ulps of the largest |mask logit|. :func:`_logit_error` bounds
+# both with room to spare, and a logit error dx changes a sigmoid by at most the fraction dx.
+# The reference's own resize of the class maps rounds them by ~4e-7 relative.
+_SCORE_MARGIN = 1e-4
+_SCORE_FLOOR = 1e-30
+
+
+def _semantic_map(
+    class_probs: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int] | None, *, may_be_nan: bool
+) -> torch.Tensor:
+    """Semantic map of one image, identical to the reference's.
+
+    Args:
+        class_probs: ``[Q, C]`` class probabilities (without "no object").
+        mask_logits: ``[Q, h, w]`` mask logits.
+        size: target ``(height, width)``, or None for 384x384 (no resize).
+        may_be_nan: whether the scores can hold NaN.
+
+    Returns:
+        ``[height, width]`` long: ``argmax_c resize(scores)[c]`` with ``scores [C, 384, 384]
+        = einsum("qc, qhw -> chw", class_probs, sigmoid(to_384(mask_logits)))``.
+
+    The reference resizes all ``C`` class maps to the target (133 maps of 480x640 are 41M
+    interpolated values, from 78 MB of scores, whose fresh pages alone cost much) to take
+    their argmax. But a bilinear output pixel is a convex combination of (at most) 2x2
+    source pixels, so a class that clearly leads all others at each of them wins it. So
+    the scores are first made a band of rows at a time, in cache (:func:`_leads`), keeping
+    per source pixel only the band's leading class and its lead. Output pixels whose source
+    window has one leader with a clear lead everywhere get it directly; if any are left
+    (where classes meet or nearly tie), they are taken from the reference's computation.
+    """
+    num_classes = class_probs.shape[1]
+    out_height, out_width = size if size is not None else REFERENCE_MASK_SIZE
+    if num_classes < 2:  # argmax over one class (NaN or not)
+        return torch.zeros(out_height, out_width, dtype=torch.long)
+    if may_be_nan:  # NaN compares false: no lead can be trusted
+        labels = torch.zeros(out_height, out_width, dtype=torch.long)
+        hard = torch.ones(out_height, out_width, dtype=torch.bool)
+    else:
+        leader, slack = _leads(class_probs, mask_logits)  # [384] (per row), [384, 384]
+        rows = _source_window_starts(REFERENCE_MASK_SIZE[0], out_height, resized=size is not None)
+        cols = _source_window_starts(REFERENCE_MASK_SIZE[1], out_width, resized=size is not None)
+        labels = leader[rows].view(-1, 1).expand(out_height, out_width)
+        # Source pixels (as window starts) whose window has one leader, clearly leading.
+        window = 4 if size is not None else 1
+        leaders = F.pad(leader[None, None].float(), (0, window - 1), mode="replicate")[0, 0].unfold(0, window, 1)
+        one_leader = leaders.amax(dim=1) == leaders.amin(dim=1)  # [384] window starts
+        clear = (-_window_max(-slack[None], window) > 0)[0] & one_leader.view(-1, 1)
+        hard = ~clear[rows.view(-1, 1), cols]
+        if not bool(hard.any()):
+            return labels.contiguous()
+
+    mask_probs = _to_reference_size(mask_logits).sigmoid_()
+    scores = torch.einsum("qc, qhw -> chw", class_probs, mask_probs)  # [C, 384, 384]
+
+    def values(start: int, stop: int) -> torch.Tensor:
+        if size is None:
+            return scores[start:stop]
+        return F.interpolate(scores[None, start:stop], size=size, mode="bilinear", align_corners=False)[0]
+
+    exact = _chunked_first_argmax(values, num_classes, may_be_nan=may_be_nan)
+    return torch.where(hard, exact, labels)
+
+
+def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each 384x384 source pixel's leading class and how clearly it leads.
+
+    Args:
+        class_probs: ``[Q, C]`` class probabilities, ``C >= 2``.
+        mask_logits: ``[Q, h, w]`` finite mask logits.
+
+    Returns:
+        ``leader [384]`` (long): for each row, the class with the largest total score in
+        its band of rows; ``slack [384, 384]``: that class's score minus the best other
+        class's, less the margin (positive: it surely leads the reference's scores there).
+
+    Masks are resized separably (columns once, then each band's rows: the same bilinear
+    weights as torch's, the arithmetic rounded differently) and turned into scores band by
+    band, so the ``[Q, 384, 384]`` and ``[C, 384, 384]`` maps are never made.
+    """
+    queries, num_classes = class_probs.shape
+    height, width = REFERENCE_MASK_SIZE
+    low, high = torch.aminmax(mask_logits)
+    margin = _SCORE_MARGIN + _logit_error(mask_logits.shape[1:]) * max(-float(low), float(high))
+    # Only the width resized: torch's kernel then weighs the one source row by exactly 1.
+    columns = F.interpolate(
+        mask_logits[None], size=(mask_logits.shape[1], width), mode="bilinear", align_corners=False
+    )[0]  # [Q, h, 384]
+    first, second, weight = _bilinear_taps(mask_logits.shape[1], height)
+    weight = weight.view(-1, 1)
+    class_rows = class_probs.T.contiguous()  # [C, Q]
+    leader = torch.empty(height, dtype=torch.long)
+    slack = torch.empty(height, width)
+    for start in range(0, height, _SCORE_BAND_ROWS):
+        band = slice(start, min(start + _SCORE_BAND_ROWS, height))
+        probs = torch.lerp(columns.index_select(1, first[band]), columns.index_select(1, second[band]), weight[band])
+        probs.sigmoid_()  # [Q, rows, 384]
+        scores = torch.mm(class_rows, probs.view(queries, -1)).view(num_classes, -1, width)
+        d = int(scores.sum(dim=(1, 2)).argmax())
+        if d == 0:
+            best_other = scores[1:].amax(dim=0)
+        elif d == num_classes - 1:
+            best_other = scores[:-1].amax(dim=0)
+        else:
+            best_other = torch.maximum(scores[:d].amax(dim=0), scores[d + 1 :].amax(dim=0))
+        torch.sub(scores[d], best_other, out=slack[band])
+        slack[band] -= scores[d] * margin + _SCORE_FLOOR
+        leader[band] = d
+    return leader, slack
+
+
+def _logit_error(in_size: Sequence[int]) -> float:
+    """Bound on |our resized mask logit - torch's| per unit of the largest |mask logit|
+    (both bilinear to 384x384 from ``in_size``), see ``_SCORE_MARGIN``."""
+    return 2.0**-18 * (max(in_size) + 1)
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices ``first, second`` (long) and float32 ``weight`` of ``second`` (each
+    ``[out_size]``) of a bilinear resize with ``align_corners=False``, as torch defines it."""
+    position = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    first = position.floor().long().clamp(max=in_size - 1)
+    second = (first + 1).clamp(max=in_size - 1)
+    return first, second, (position - first).float()
+
+
+def _window_max(values: torch.Tensor, window: int) -> torch.Tensor:
+    """``[1, H, W]``: maximum of ``values [1, H, W]`` over the ``window x window`` pixels
+    starting at each pixel (those inside the map)."""
+    if window == 1:
+        return values
+    padded = F.pad(values, (0, window - 1, 0, window - 1), value=float("-inf"))
+    return F.max_pool2d(padded, window, stride=1)
+
+
+def _source_window_starts(in_size: int, out_size: int, *, resized: bool) -> torch.Tensor:
+    """``[out_size]`` long: for each output row (or column), the first of 4 source rows that
+    include the two a bilinear resize (``align_corners=False``) reads for it; without resize,
+    the row itself.
+
+    The source position is computed in float64 here, not as torch's kernel does, so the
+    window takes one row more on each side than the two it reads.
+    """
+    positions = torch.arange(out_size, dtype=torch.float64)
+    if not resized:
+        return positions.long()
+    source = ((positions + 0.5) * (in_size / out_size) - 0.5).clamp(min=0).floor().long()
+    return (source - 1).clamp(min=0)
 
 
 # --------------------------------------------------------------------------- instance
@@ -252,12 +405,6 @@ def _paint_last_wins(masks: torch.Tensor) -> torch.Tensor:
     ids = torch.arange(1, count + 1, device=masks.device).to(dtype).view(-1, 1, 1)
     painted = (masks.to(dtype) * ids).amax(dim=0)
     return painted.to(torch.float32) - 1.0
-
-
-def _first_argmax(values: torch.Tensor, *, may_be_nan: bool = True) -> torch.Tensor:
-    """``values.argmax(dim=0)`` for ``[K, H, W]`` (first maximum on ties, first NaN if any);
-    ``may_be_nan=False`` skips the NaN handling for values known to be NaN-free."""
-    return _chunked_first_argmax(lambda start, stop: values[start:stop], values.shape[0], may_be_nan=may_be_nan)
 
 
 def _nearest_indices(
