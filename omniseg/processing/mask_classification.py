@@ -158,7 +158,8 @@ def _semantic_map(
     the scores are first made a band of rows at a time, in cache (:func:`_leads`), keeping
     per source pixel only the band's leading class and its lead. Output pixels whose source
     window has one leader with a clear lead everywhere get it directly; if any are left
-    (where classes meet or nearly tie), they are taken from the reference's computation.
+    (where classes meet or nearly tie), they are taken from the reference's computation,
+    resizing only the class maps that can win there.
     """
     num_classes = class_probs.shape[1]
     out_height, out_width = size if size is not None else REFERENCE_MASK_SIZE
@@ -167,8 +168,9 @@ def _semantic_map(
     if may_be_nan:  # NaN compares false: no lead can be trusted
         labels = torch.zeros(out_height, out_width, dtype=torch.long)
         hard = torch.ones(out_height, out_width, dtype=torch.bool)
+        classes = torch.arange(num_classes)
     else:
-        leader, slack = _leads(class_probs, mask_logits)  # [384] (per row), [384, 384]
+        leader, slack, can_win = _leads(class_probs, mask_logits)  # [384], [384, 384], [bands, C]
         rows = _source_window_starts(REFERENCE_MASK_SIZE[0], out_height, resized=size is not None)
         cols = _source_window_starts(REFERENCE_MASK_SIZE[1], out_width, resized=size is not None)
         labels = leader[rows].view(-1, 1).expand(out_height, out_width)
@@ -178,22 +180,27 @@ def _semantic_map(
         one_leader = leaders.amax(dim=1) == leaders.amin(dim=1)  # [384] window starts
         clear = (-_window_max(-slack[None], window) > 0)[0] & one_leader.view(-1, 1)
         hard = ~clear[rows.view(-1, 1), cols]
-        if not bool(hard.any()):
+        hard_rows = hard.any(dim=1)
+        if not bool(hard_rows.any()):
             return labels.contiguous()
+        # The classes that can win in the bands holding the hard output rows' source rows.
+        source_rows = (rows[hard_rows].view(-1, 1) + torch.arange(window)).clamp(max=REFERENCE_MASK_SIZE[0] - 1)
+        classes = can_win[(source_rows // _SCORE_BAND_ROWS).unique()].any(dim=0).nonzero().flatten()  # [K]
 
     mask_probs = _to_reference_size(mask_logits).sigmoid_()
     scores = torch.einsum("qc, qhw -> chw", class_probs, mask_probs)  # [C, 384, 384]
 
     def values(start: int, stop: int) -> torch.Tensor:
+        maps = scores[classes[start:stop]]
         if size is None:
-            return scores[start:stop]
-        return F.interpolate(scores[None, start:stop], size=size, mode="bilinear", align_corners=False)[0]
+            return maps
+        return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
 
-    exact = _chunked_first_argmax(values, num_classes, may_be_nan=may_be_nan)
+    exact = classes[_chunked_first_argmax(values, len(classes), may_be_nan=may_be_nan)]
     return torch.where(hard, exact, labels)
 
 
-def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each 384x384 source pixel's leading class and how clearly it leads.
 
     Args:
@@ -203,7 +210,16 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     Returns:
         ``leader [384]`` (long): for each row, the class with the largest total score in
         its band of rows; ``slack [384, 384]``: that class's score minus the best other
-        class's, less the margin (positive: it surely leads the reference's scores there).
+        class's, less the margin (positive: it surely leads the reference's scores there);
+        ``can_win [384 / 8, C]`` (bool): per band of rows, the classes that may win a pixel
+        whose source pixels lie in it.
+
+    A class that wins a bilinear output pixel reaches at least 1/4 of the best score at one
+    of its (up to 4) source pixels: its resized score is at least the resized score of the
+    leader of the source pixel ``p`` with the largest ``weight * best score``, which is at
+    least ``weight_p * best_p``, a quarter of the weighted best scores. Classes that stay
+    below that everywhere in a band (checked per 32-pixel run of a row, against the run's
+    lowest best score) cannot win there.
 
     Masks are resized separably (columns once, then each band's rows: the same bilinear
     weights as torch's, the arithmetic rounded differently) and turned into scores band by
@@ -222,6 +238,8 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     class_rows = class_probs.T.contiguous()  # [C, Q]
     leader = torch.empty(height, dtype=torch.long)
     slack = torch.empty(height, width)
+    can_win = torch.empty(-(-height // _SCORE_BAND_ROWS), num_classes, dtype=torch.bool)
+    quarter = 0.25 * (1 - 2 * margin)  # a quarter, less the error of these scores
     for start in range(0, height, _SCORE_BAND_ROWS):
         band = slice(start, min(start + _SCORE_BAND_ROWS, height))
         probs = torch.lerp(columns.index_select(1, first[band]), columns.index_select(1, second[band]), weight[band])
@@ -237,7 +255,10 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
         torch.sub(scores[d], best_other, out=slack[band])
         slack[band] -= scores[d] * margin + _SCORE_FLOOR
         leader[band] = d
-    return leader, slack
+        runs = scores.view(num_classes, -1, 32).amax(dim=-1)  # [C, rows * 12]
+        lowest_best = torch.maximum(scores[d], best_other).view(-1, 32).amin(dim=-1)  # [rows * 12]
+        can_win[start // _SCORE_BAND_ROWS] = (runs >= lowest_best * quarter).any(dim=1)
+    return leader, slack, can_win
 
 
 def _logit_error(in_size: Sequence[int]) -> float:
