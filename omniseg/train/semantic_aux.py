@@ -11,7 +11,6 @@ that comes out is the plain architecture that the reference loads.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -66,11 +65,3 @@ class SemanticAuxiliaryLoss(nn.Module):
         if not bool((labels != self.ignore_index).any()):
             return logits.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) whole
         return self.weight * F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
-
-    @torch.no_grad()
-    def all_reduce_gradients(self, world_size: int) -> None:
-        """Average the head's gradients over data-parallel ranks (it lives outside DDP)."""
-        for param in self.parameters():
-            if param.grad is not None:
-                torch.distributed.all_reduce(param.grad)
-                param.grad /= world_size

@@ -516,8 +516,10 @@ class Trainer:
     def _optimizer_step(self) -> None:
         params = list(self.model.parameters())
         if self.semantic_aux is not None:
-            if self.dist.distributed:
-                self.semantic_aux.all_reduce_gradients(self.dist.world_size)
+            # The head lives outside DDP: average its gradients over ranks here.
+            for param in self.semantic_aux.parameters():
+                if param.grad is not None:
+                    all_reduce_sum(param.grad).div_(self.dist.world_size)
             params += list(self.semantic_aux.parameters())
         if self.args.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
