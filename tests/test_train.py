@@ -336,3 +336,48 @@ def test_semantic_aux_loss_resumes_exactly_and_leaves_the_saved_model_plain(fram
     # A checkpoint written without the head cannot silently continue with one.
     assert train(*common, *aux, "--out", tmp_path / "plain", "--resume") == 1
     assert "--semantic-aux-weight" in capsys.readouterr().err
+
+
+# Runs ``omniseg train`` under torchrun and saves each rank's auxiliary head (before and
+# after training) and model parameters (only rank 0 writes checkpoints, so rank 1's would be unseen).
+_RANK_STATE_RUNNER = """
+import os, sys, torch
+from omniseg.cli.main import main
+from omniseg.train.trainer import Trainer
+
+run = Trainer.train
+
+def train_and_save_rank_state(self):
+    initial = {"initial_aux." + k: v.clone() for k, v in self.semantic_aux.state_dict().items()}
+    summary = run(self)
+    state = {"aux." + k: v for k, v in self.semantic_aux.state_dict().items()}
+    state.update(initial)
+    state.update({"model." + k: v for k, v in self.model.state_dict().items()})
+    torch.save(state, os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
+    return summary
+
+Trainer.train = train_and_save_rank_state
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_semantic_aux_head_stays_identical_on_every_rank(frames, mask2former_dir, tmp_path) -> None:
+    """Under ``torchrun`` the auxiliary head lives outside DDP and the trainer averages its
+    gradients itself: each rank sees other images, yet both ranks start from and end with
+    the same head (and the same model), and the head has moved from its initialisation."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(_RANK_STATE_RUNNER)
+    common = ["--model", str(mask2former_dir), "--data", str(frames), "--max-steps", "3", "--batch-size", "2",
+              "--lr", "1e-3", "--eval-every", "3", "--semantic-aux-weight", "2.0", *FAST]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+         str(runner), str(tmp_path), "train", *common, "--out", str(tmp_path / "ddp")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and any(k.startswith("aux.") for k in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    head = [k for k in rank0 if k.startswith("aux.")]
+    assert all(not torch.equal(rank0[k], rank0["initial_" + k]) for k in head)
