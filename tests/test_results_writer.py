@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from scipy import ndimage
 
 from omniseg.io import atomic, results
 from omniseg.io.results import (
@@ -183,6 +186,20 @@ def test_interrupted_atomic_write_leaves_no_temp_file(tmp_path, image, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    # New files as open() would make them under the process umask (not mkstemp's 0600);
+    # a replaced file keeps its own permissions.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic.atomic_write_text(tmp_path / "new.json", "{}")
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o666 & ~umask
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    atomic.atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+
 def test_output_paths():
     paths = output_paths("OUT/a/b", ["json", "png"])
     assert {k: str(v) for k, v in paths.items()} == {
@@ -256,6 +273,28 @@ def test_overlay_legend_panel_and_record_input(image):
     np.testing.assert_array_equal(np.asarray(with_legend)[:H, :W], np.asarray(without))
     empty = draw_overlay(image, [])
     assert empty.width > W  # "no segments" panel
+
+
+def test_overlay_numbers_large_masks_inside_them():
+    # A 2000x1500 photo: masks this large are searched for their most interior point on
+    # blocks of pixels; the number tag still lands well inside its mask.
+    height, width = 1500, 2000
+    plain = Image.new("RGB", (width, height), (128, 128, 128))
+    ring = np.zeros((height, width), np.uint8)
+    ring[100:1400, 100:1900] = 255
+    ring[300:1200, 300:1700] = 0  # a thick frame: its interior is the frame's middle line
+    block = np.zeros((height, width), np.uint8)
+    block[400:1100, 400:1600] = 255
+    segments = [{"score": 0.9, "label": "car", "mask": Image.fromarray(ring)},
+                {"score": 0.8, "label": "sky", "mask": Image.fromarray(block)}]
+    overlay = np.asarray(draw_overlay(plain, segments, alpha=0.0, id2label=ID2LABEL, legend=False))
+    for segment, mask, colour in ((segments[0], ring, color_for(1)), (segments[1], block, color_for(3))):
+        ys, xs = np.nonzero((overlay == colour).all(axis=-1))  # the tag's fill (alpha 0: no blend)
+        assert ys.size > 100, segment["label"]
+        # The whole tag lies inside the mask, at least 40 pixels from its edge.
+        inside = mask > 0
+        depth = ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        assert depth[ys, xs].min() > 40, segment["label"]
 
 
 def test_overlay_many_segments_grows_downward(image):
