@@ -447,3 +447,21 @@ def test_semantic_leaders_and_boundaries_match_reference(scale) -> None:
         for a, b in zip(ours, expected):
             assert torch.equal(a, b)
         assert len(ours[0].unique()) >= 3 and ours[1].unique().tolist() == [4]
+
+
+def test_semantic_many_classes_few_winners_match_reference() -> None:
+    # A trained COCO-like head: 133 classes, 100 queries each confident in one of 8 classes,
+    # so where segments meet only a few classes can win and only those are scored exactly.
+    g = torch.Generator().manual_seed(5)
+    queries, classes = 100, 133
+    masks = torch.nn.functional.interpolate(
+        torch.randn(1, queries, 6, 8, generator=g), size=(96, 128), mode="bilinear", align_corners=False
+    ) * 20
+    logits = torch.randn(1, queries, classes + 1, generator=g)
+    logits[0, torch.arange(queries), torch.randint(0, 8, (queries,), generator=g)] += 12
+    outputs = SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
+    for target_sizes in (None, [(480, 640)]):
+        ours = mask_classification.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        expected = _reference().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        assert torch.equal(ours[0], expected[0])
+        assert len(ours[0].unique()) >= 4

@@ -134,6 +134,7 @@ _SCORE_BAND_ROWS = 8
 # The reference's own resize of the class maps rounds them by ~4e-7 relative.
 _SCORE_MARGIN = 1e-4
 _SCORE_FLOOR = 1e-30
+_MIN_SCORED_CLASSES = 16
 
 
 def _semantic_map(
@@ -188,10 +189,20 @@ def _semantic_map(
         classes = can_win[(source_rows // _SCORE_BAND_ROWS).unique()].any(dim=0).nonzero().flatten()  # [K]
 
     mask_probs = _to_reference_size(mask_logits).sigmoid_()
-    scores = torch.einsum("qc, qhw -> chw", class_probs, mask_probs)  # [C, 384, 384]
+    # Only the classes that can win are scored. Matrix products of very few rows take BLAS
+    # kernels that round differently from the reference's all-class product, so at least
+    # _MIN_SCORED_CLASSES rows are computed (extra classes are scored, never ranked).
+    scored = classes
+    if len(classes) < min(_MIN_SCORED_CLASSES, num_classes):
+        extra = torch.ones(num_classes, dtype=torch.bool)
+        extra[classes] = False
+        padding = extra.nonzero().flatten()[: _MIN_SCORED_CLASSES - len(classes)]
+        scored = torch.cat([classes, padding]).sort().values
+    rows = torch.searchsorted(scored, classes)
+    scores = torch.einsum("qc, qhw -> chw", class_probs[:, scored], mask_probs)  # [len(scored), 384, 384]
 
     def values(start: int, stop: int) -> torch.Tensor:
-        maps = scores[classes[start:stop]]
+        maps = scores[rows[start:stop]]
         if size is None:
             return maps
         return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
