@@ -135,6 +135,9 @@ _SCORE_BAND_ROWS = 8
 _SCORE_MARGIN = 1e-4
 _SCORE_FLOOR = 1e-30
 _MIN_SCORED_CLASSES = 16
+# Bounds on a band's class scores (see _classes_worth_scoring) are float32 sums of 100-odd
+# products, like the scores: this covers their rounding and that of the sigmoids.
+_BOUND_SLACK = 1e-4
 
 
 def _semantic_map(
@@ -251,25 +254,82 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     slack = torch.empty(height, width)
     can_win = torch.empty(-(-height // _SCORE_BAND_ROWS), num_classes, dtype=torch.bool)
     quarter = 0.25 * (1 - 2 * margin)  # a quarter, less the error of these scores
+    scored_classes = _classes_worth_scoring(class_rows, mask_logits, first, second, quarter)
     for start in range(0, height, _SCORE_BAND_ROWS):
         band = slice(start, min(start + _SCORE_BAND_ROWS, height))
         probs = torch.lerp(columns.index_select(1, first[band]), columns.index_select(1, second[band]), weight[band])
         probs.sigmoid_()  # [Q, rows, 384]
-        scores = torch.mm(class_rows, probs.view(queries, -1)).view(num_classes, -1, width)
-        d = int(scores.sum(dim=(1, 2)).argmax())
-        if d == 0:
-            best_other = scores[1:].amax(dim=0)
-        elif d == num_classes - 1:
-            best_other = scores[:-1].amax(dim=0)
+        scored, rest = scored_classes[start // _SCORE_BAND_ROWS]
+        rows_of = class_rows if scored is None else class_rows[scored]
+        scores = torch.mm(rows_of, probs.view(queries, -1)).view(len(rows_of), -1, width)
+        k = int(scores.sum(dim=(1, 2)).argmax())
+        best_other = _best_other(scores, k).clamp_(min=rest)
+        torch.sub(scores[k], best_other, out=slack[band])
+        slack[band] -= scores[k] * margin + _SCORE_FLOOR
+        leader[band] = k if scored is None else scored[k]
+        runs = scores.view(len(scores), -1, 32).amax(dim=-1)  # [K, rows * 12]
+        lowest_best = torch.maximum(scores[k], best_other).view(-1, 32).amin(dim=-1)  # [rows * 12]
+        can_win_here = (runs >= lowest_best * quarter).any(dim=1)
+        if scored is None:
+            can_win[start // _SCORE_BAND_ROWS] = can_win_here
         else:
-            best_other = torch.maximum(scores[:d].amax(dim=0), scores[d + 1 :].amax(dim=0))
-        torch.sub(scores[d], best_other, out=slack[band])
-        slack[band] -= scores[d] * margin + _SCORE_FLOOR
-        leader[band] = d
-        runs = scores.view(num_classes, -1, 32).amax(dim=-1)  # [C, rows * 12]
-        lowest_best = torch.maximum(scores[d], best_other).view(-1, 32).amin(dim=-1)  # [rows * 12]
-        can_win[start // _SCORE_BAND_ROWS] = (runs >= lowest_best * quarter).any(dim=1)
+            can_win[start // _SCORE_BAND_ROWS] = False
+            can_win[start // _SCORE_BAND_ROWS, scored] = can_win_here
     return leader, slack, can_win
+
+
+def _classes_worth_scoring(
+    class_rows: torch.Tensor, mask_logits: torch.Tensor, first: torch.Tensor, second: torch.Tensor, quarter: float
+) -> list[tuple[torch.Tensor | None, float]]:
+    """Per band of rows: the classes :func:`_leads` must score there, and a bound on the others.
+
+    Args:
+        class_rows: ``[C, Q]`` class probabilities.
+        mask_logits: ``[Q, h, w]`` finite mask logits.
+        first, second: the source rows of each 384-grid row (see :func:`_bilinear_taps`).
+        quarter: the fraction of the best score a class must reach somewhere to win.
+
+    Returns:
+        One ``(classes, rest)`` per band: ``classes`` (long, ascending) or None for all, and
+        ``rest``, a bound on every other class's score in the band (0.0 when all are scored).
+
+    A band's mask probabilities lie between the sigmoids of its source rows' smallest and
+    largest logits (resizing stays within the range it reads), so each class's score has an
+    upper and a lower bound there, from one small matrix product for all bands. Classes
+    whose upper bound is under ``quarter`` of the largest lower bound (the best score is at
+    least that everywhere in the band) cannot win there: they need no scores, and their
+    largest bound stands in for them as "the best other class". On a trained head that is
+    most of its classes; where masks are vague (random weights) nothing is left out.
+    """
+    row_high, row_low = mask_logits.amax(dim=2), mask_logits.amin(dim=2)  # [Q, h]
+    high = torch.maximum(row_high[:, first], row_high[:, second])  # [Q, 384]
+    low = torch.minimum(row_low[:, first], row_low[:, second])
+    bands = -(-high.shape[1] // _SCORE_BAND_ROWS)
+    padding = bands * _SCORE_BAND_ROWS - high.shape[1]
+    high = F.pad(high, (0, padding), value=float("-inf")).view(-1, bands, _SCORE_BAND_ROWS).amax(dim=2)
+    low = F.pad(low, (0, padding), value=float("inf")).view(-1, bands, _SCORE_BAND_ROWS).amin(dim=2)
+    upper = (class_rows @ high.sigmoid()).mul_(1 + _BOUND_SLACK)  # [C, bands]
+    floor = (class_rows @ low.sigmoid()).amax(dim=0).mul_(1 - _BOUND_SLACK)  # [bands]
+    negligible = upper < quarter * floor
+    result: list[tuple[torch.Tensor | None, float]] = []
+    for band in range(bands):
+        left_out = negligible[:, band]
+        if not bool(left_out.any()):
+            result.append((None, 0.0))
+            continue
+        result.append(((~left_out).nonzero().flatten(), float(upper[left_out, band].max())))
+    return result
+
+
+def _best_other(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[rows, W]``: the largest of ``scores [K, rows, W]`` without row ``k`` (zeros if K = 1)."""
+    if len(scores) == 1:
+        return torch.zeros_like(scores[0])
+    if k == 0:
+        return scores[1:].amax(dim=0)
+    if k == len(scores) - 1:
+        return scores[:-1].amax(dim=0)
+    return torch.maximum(scores[:k].amax(dim=0), scores[k + 1 :].amax(dim=0))
 
 
 def _logit_error(in_size: Sequence[int]) -> float:
