@@ -23,7 +23,7 @@ IGNORE = 11
 # An honest floor, well below what the shipped model measures on this frame (see
 # omniseg/assets/default_model/TRAINING.md): it catches a broken or mis-wired model
 # (wrong classes, wrong normalisation, a random head), not small accuracy changes.
-PIXEL_ACCURACY_FLOOR = 0.80  # the shipped model: 0.922 on this frame
+PIXEL_ACCURACY_FLOOR = 0.80  # the shipped model: 0.923 on this frame
 FRAME = "0016E5_07959.png"
 
 pytestmark = pytest.mark.skipif(default_model_dir() is None, reason="no bundled default model")
