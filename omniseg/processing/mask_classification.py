@@ -201,11 +201,11 @@ def _semantic_map(
         extra[classes] = False
         padding = extra.nonzero().flatten()[: _MIN_SCORED_CLASSES - len(classes)]
         scored = torch.cat([classes, padding]).sort().values
-    rows = torch.searchsorted(scored, classes)
+    ranked = torch.searchsorted(scored, classes)  # where each class's map is in ``scores``
     scores = torch.einsum("qc, qhw -> chw", class_probs[:, scored], mask_probs)  # [len(scored), 384, 384]
 
     def values(start: int, stop: int) -> torch.Tensor:
-        maps = scores[rows[start:stop]]
+        maps = scores[ranked[start:stop]]
         if size is None:
             return maps
         return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -260,27 +260,22 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
         probs = torch.lerp(columns.index_select(1, first[band]), columns.index_select(1, second[band]), weight[band])
         probs.sigmoid_()  # [Q, rows, 384]
         scored, rest = scored_classes[start // _SCORE_BAND_ROWS]
-        rows_of = class_rows if scored is None else class_rows[scored]
-        scores = torch.mm(rows_of, probs.view(queries, -1)).view(len(rows_of), -1, width)
+        scores = torch.mm(class_rows[scored], probs.view(queries, -1)).view(len(scored), -1, width)
         k = int(scores.sum(dim=(1, 2)).argmax())
         best_other = _best_other(scores, k).clamp_(min=rest)
         torch.sub(scores[k], best_other, out=slack[band])
         slack[band] -= scores[k] * margin + _SCORE_FLOOR
-        leader[band] = k if scored is None else scored[k]
+        leader[band] = scored[k]
         runs = scores.view(len(scores), -1, 32).amax(dim=-1)  # [K, rows * 12]
         lowest_best = torch.maximum(scores[k], best_other).view(-1, 32).amin(dim=-1)  # [rows * 12]
-        can_win_here = (runs >= lowest_best * quarter).any(dim=1)
-        if scored is None:
-            can_win[start // _SCORE_BAND_ROWS] = can_win_here
-        else:
-            can_win[start // _SCORE_BAND_ROWS] = False
-            can_win[start // _SCORE_BAND_ROWS, scored] = can_win_here
+        can_win[start // _SCORE_BAND_ROWS] = False
+        can_win[start // _SCORE_BAND_ROWS, scored] = (runs >= lowest_best * quarter).any(dim=1)
     return leader, slack, can_win
 
 
 def _classes_worth_scoring(
     class_rows: torch.Tensor, mask_logits: torch.Tensor, first: torch.Tensor, second: torch.Tensor, quarter: float
-) -> list[tuple[torch.Tensor | None, float]]:
+) -> list[tuple[torch.Tensor, float]]:
     """Per band of rows: the classes :func:`_leads` must score there, and a bound on the others.
 
     Args:
@@ -290,8 +285,9 @@ def _classes_worth_scoring(
         quarter: the fraction of the best score a class must reach somewhere to win.
 
     Returns:
-        One ``(classes, rest)`` per band: ``classes`` (long, ascending) or None for all, and
-        ``rest``, a bound on every other class's score in the band (0.0 when all are scored).
+        One ``(classes, rest)`` per band: ``classes`` (long, ascending; all of them where
+        none can be left out), and ``rest``, a bound on every other class's score in the band
+        (0.0 when all are scored).
 
     A band's mask probabilities lie between the sigmoids of its source rows' smallest and
     largest logits (resizing stays within the range it reads), so each class's score has an
@@ -311,13 +307,11 @@ def _classes_worth_scoring(
     upper = (class_rows @ high.sigmoid()).mul_(1 + _BOUND_SLACK)  # [C, bands]
     floor = (class_rows @ low.sigmoid()).amax(dim=0).mul_(1 - _BOUND_SLACK)  # [bands]
     negligible = upper < quarter * floor
-    result: list[tuple[torch.Tensor | None, float]] = []
+    result: list[tuple[torch.Tensor, float]] = []
     for band in range(bands):
         left_out = negligible[:, band]
-        if not bool(left_out.any()):
-            result.append((None, 0.0))
-            continue
-        result.append(((~left_out).nonzero().flatten(), float(upper[left_out, band].max())))
+        rest = float(upper[left_out, band].max()) if bool(left_out.any()) else 0.0
+        result.append(((~left_out).nonzero().flatten(), rest))
     return result
 
 

@@ -216,12 +216,14 @@ def _most_interior_point(mask: np.ndarray) -> tuple[int, int, float]:
         padded[:height, :width] = mask
         blocks = padded.reshape(padded.shape[0] // factor, factor, -1, factor).all(axis=(1, 3))
         if blocks.any():
-            depth = ndimage.distance_transform_edt(np.pad(blocks, 1))[1:-1, 1:-1]
-            y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+            y, x, depth = _deepest_pixel(blocks)
             centre = factor // 2
-            return (min(y * factor + centre, height - 1), min(x * factor + centre, width - 1),
-                    float(depth[y, x] - 0.5) * factor)
-    # Distance to the nearest pixel outside the mask (the image frame counts as outside).
+            return min(y * factor + centre, height - 1), min(x * factor + centre, width - 1), (depth - 0.5) * factor
+    return _deepest_pixel(mask)
+
+
+def _deepest_pixel(mask: np.ndarray) -> tuple[int, int, float]:
+    """The pixel of ``mask`` farthest from any pixel outside it (the frame counts as outside)."""
     depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return int(y), int(x), float(depth[y, x])
