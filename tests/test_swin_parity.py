@@ -19,6 +19,7 @@ from omniseg.models.checkpoint import (  # noqa: E402
     save_state_dict,
 )
 from omniseg.models.swin import IGNORE_ON_LOAD, SwinBackbone, SwinConfig  # noqa: E402
+from omniseg.models.swin import attention as swin_attention  # noqa: E402
 
 CONFIGS = {
     # Window larger than the last stages' maps (3x3, 2x2): padding + shifted-window mask.
@@ -84,8 +85,15 @@ def pair(request, tmp_path_factory):
     return kwargs, reference, ours
 
 
+@pytest.fixture(params=["gather_first", "project_first"])
+def window_path(request, monkeypatch):
+    """Both ways of projecting windows with padding (tiny models pick the first on their own)."""
+    monkeypatch.setattr(swin_attention, "_PROJECT_FIRST", 0 if request.param == "project_first" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_feature_maps_match_reference(pair, size):
+def test_feature_maps_match_reference(pair, size, window_path):
     kwargs, reference, ours = pair
     torch.manual_seed(1)
     pixel_values = torch.randn(2, 3, *size)
@@ -123,7 +131,7 @@ def test_state_dict_matches_reference_checkpoint(tmp_path):
     assert {n: s for n, s in saved.items() if not n.endswith(IGNORE_ON_LOAD)} == ours
 
 
-def test_training_mode_drop_path_and_gradients(tmp_path):
+def test_training_mode_drop_path_and_gradients(tmp_path, window_path):
     """Stochastic depth draws the same random numbers as the reference; gradients agree."""
     kwargs = dict(CONFIGS["w4_deep_subset"], drop_path_rate=0.5)
     reference = build_reference(kwargs)

@@ -19,6 +19,11 @@ from torch import nn
 
 from omniseg.ops.linear import Linear, linear
 
+# Projecting before cutting windows skips the padding slots' matmul, but gathers three
+# times the channels. It pays when (padding slots / all slots) * channels is at least this:
+# Swin-T at 384x512 projects first in stages 3 and 4 (22% and 35% padding), not in 1 and 2.
+_PROJECT_FIRST = 24
+
 # The additive mask value the reference uses between tokens of different shift regions.
 # Not -inf: a finite value keeps the exact same softmax numbers as the reference.
 SHIFT_MASK_VALUE = -100.0
@@ -207,24 +212,13 @@ class WindowSelfAttention(nn.Module):
         self.stacked_qkv = stacked
         return stacked
 
-    def fused_qkv(self, windows: torch.Tensor) -> torch.Tensor:
-        """Project with one matmul instead of three.
-
-        Args:
-            windows: ``[N, L, C]``.
-
-        Returns:
-            ``[3, N, num_heads, L, head_dim]`` (query, key, value stacked first); a view of
-            the projection, no copy.
-        """
+    def fused_qkv(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Project with one matmul instead of three: ``[..., C] -> [..., 3C]`` (query, key,
+        value concatenated)."""
         if self.stacked_qkv is not None:
-            qkv = self.stacked_qkv(windows)
-        else:
-            weight, bias = self._fused_parameters()
-            qkv = linear(windows, weight, bias)  # [N, L, 3C]
-        count, length, _ = qkv.shape
-        qkv = qkv.view(count, length, 3, self.num_heads, self.head_dim)
-        return qkv.permute(2, 0, 3, 1, 4)
+            return self.stacked_qkv(tokens)
+        weight, bias = self._fused_parameters()
+        return linear(tokens, weight, bias)
 
 
 class Dense(nn.Module):
@@ -273,14 +267,24 @@ class WindowAttention(nn.Module):
         """
         batch, _, channels = tokens.shape
         num_windows, length = layout.num_windows, layout.window_size**2
-        windows = tokens.index_select(1, layout.gather_index)  # [B, nW*L, C]
-        if layout.padding_slots is not None:
-            # Padding is zero *after* the norm, as in the reference: padded tokens are zero
-            # vectors that still take part in attention (their keys are the biases).
-            windows.index_fill_(1, layout.padding_slots, 0.0)
+        # Padding slots are zero *after* the norm, as in the reference: zero vectors that
+        # still take part in attention, projected to the biases.
+        slots = num_windows * length
+        padding = layout.padding_slots
+        if padding is not None and len(padding) * channels >= _PROJECT_FIRST * slots:
+            # Project the tokens, then cut windows of projections: no matmul on the padding.
+            windows = self.self.fused_qkv(tokens).index_select(1, layout.gather_index)  # [B, nW*L, 3C]
+            windows[:, padding] = self.self.fused_qkv(tokens.new_zeros(1, channels))
+        else:
+            windows = tokens.index_select(1, layout.gather_index)  # [B, nW*L, C]
+            if padding is not None:
+                windows.index_fill_(1, padding, 0.0)
+            windows = self.self.fused_qkv(windows)
         # SDPA gets 4-D inputs [B*nW, h, L, d]: on CPU that selects the fused (flash) kernel,
-        # while 5-D inputs fall back to the much slower unfused maths.
-        query, key, value = self.self.fused_qkv(windows.view(batch * num_windows, length, channels))
+        # while 5-D inputs fall back to the much slower unfused maths. They are views of the
+        # windows' [B*nW, L, 3, h, d] projections, no copy.
+        heads, head_dim = self.self.num_heads, self.self.head_dim
+        query, key, value = windows.view(batch * num_windows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         bias = self.self.position_bias(layout.window_size).to(tokens.dtype)  # [h, L, L]
         dropout = self.attention_dropout if self.training else 0.0
         # SDPA returns [N, h, L, d] views of [N, L, h, d] memory: transposed back, the
