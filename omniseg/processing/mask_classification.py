@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from omniseg.ops.linear import linear
+
 # The reference scales mask logits to this size before anything else, whatever the model input size.
 REFERENCE_MASK_SIZE = (384, 384)
 
@@ -118,7 +120,7 @@ def post_process_semantic_segmentation(
     ]
 
 
-# Rows of the 384x384 maps made at a time: ``[Q, 8 * 384]`` mask probabilities and
+# Rows of the 384x384 maps made at a time: ``[8 * 384, Q]`` mask probabilities and
 # ``[C, 8 * 384]`` class scores stay in cache.
 _SCORE_BAND_ROWS = 8
 # A class wins an output pixel outright when, at each source pixel the resize reads, it
@@ -247,8 +249,11 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     columns = F.interpolate(
         mask_logits[None], size=(mask_logits.shape[1], width), mode="bilinear", align_corners=False
     )[0]  # [Q, h, 384]
+    # Queries last: a band's rows are then contiguous blocks to gather, and its probabilities
+    # rows of Q values, the layout in which oneDNN's matmul takes them fastest.
+    columns = columns.permute(1, 2, 0).contiguous()  # [h, 384, Q]
     first, second, weight = _bilinear_taps(mask_logits.shape[1], height)
-    weight = weight.view(-1, 1)
+    weight = weight.view(-1, 1, 1)
     class_rows = class_probs.T.contiguous()  # [C, Q]
     leader = torch.empty(height, dtype=torch.long)
     slack = torch.empty(height, width)
@@ -257,10 +262,10 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     scored_classes = _classes_worth_scoring(class_rows, mask_logits, first, second, quarter)
     for start in range(0, height, _SCORE_BAND_ROWS):
         band = slice(start, min(start + _SCORE_BAND_ROWS, height))
-        probs = torch.lerp(columns.index_select(1, first[band]), columns.index_select(1, second[band]), weight[band])
-        probs.sigmoid_()  # [Q, rows, 384]
+        probs = torch.lerp(columns.index_select(0, first[band]), columns.index_select(0, second[band]), weight[band])
+        probs.sigmoid_()  # [rows, 384, Q]
         scored, rest = scored_classes[start // _SCORE_BAND_ROWS]
-        scores = torch.mm(class_rows[scored], probs.view(queries, -1)).view(len(scored), -1, width)
+        scores = linear(class_rows[scored], probs.view(-1, queries)).view(len(scored), -1, width)
         k = int(scores.sum(dim=(1, 2)).argmax())
         best_other = _best_other(scores, k).clamp_(min=rest)
         torch.sub(scores[k], best_other, out=slack[band])
