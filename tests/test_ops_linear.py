@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniseg.ops.linear import Linear, as_plain_linear, linear
+from omniseg.ops.linear import _ONEDNN_LINEAR, Linear, PackedWeights, PointwiseConv2d, as_plain_linear, linear
 
 
 @pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), (2, 3, 4, 32), (0, 32)])
@@ -44,3 +47,47 @@ def test_as_plain_linear_keeps_parameters():
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
+
+
+def test_packed_weights_give_the_same_numbers_and_follow_the_weights():
+    """oneDNN's reordered weights compute bit for bit what the plain weights do, and any
+    change to the weights (in place, load_state_dict, .data) is picked up."""
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    x = torch.randn(2, 100, 32)
+    with torch.no_grad():
+        plain = linear(x, layer.weight, layer.bias)
+        assert torch.equal(layer(x), plain)
+        packed = PackedWeights()
+        assert torch.equal(linear(x, layer.weight, layer.bias, packed=packed), plain)
+        if _ONEDNN_LINEAR:
+            assert len(layer.packed_weights._entries) == 1
+        layer.weight.mul_(2)
+        assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+        layer.load_state_dict({name: torch.randn_like(t) for name, t in layer.state_dict().items()})
+        assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+        layer.weight.data = torch.randn(48, 32)
+        assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+        # Slices of one parameter (as attention's packed q/k/v) are told apart.
+        w_q, w_k = torch.randn(64, 32).chunk(2)
+        assert torch.equal(linear(x, w_q, None, packed=packed), linear(x, w_q, None))
+        assert torch.equal(linear(x, w_k, None, packed=packed), linear(x, w_k, None))
+        conv = PointwiseConv2d(32, 16)
+        maps = torch.randn(1, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(conv(maps), torch.nn.functional.conv2d(maps, conv.weight, conv.bias))
+
+
+def test_packed_weights_are_not_copied_or_saved():
+    layer = Linear(8, 4)
+    with torch.no_grad():
+        layer(torch.randn(3, 8))
+    for copied in (copy.deepcopy(layer), _saved_and_loaded(layer)):
+        assert copied.packed_weights._entries == {}
+        torch.testing.assert_close(copied(torch.ones(1, 8)), layer(torch.ones(1, 8)))
+
+
+def _saved_and_loaded(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

