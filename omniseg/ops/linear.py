@@ -36,8 +36,9 @@ class PackedWeights:
 
     Entries are keyed on the weight's memory and shape and remade when its version counter
     moves (in-place updates, ``load_state_dict``); each keeps the weight's storage alive, so
-    its address cannot come back as another tensor's. Not state: copies and pickles of a
-    module start empty.
+    its address cannot come back as another tensor's, until a weight in other memory comes
+    (slices of one parameter share an entry set). Not state: copies and pickles of a module
+    start empty.
     """
 
     def __init__(self) -> None:
@@ -49,9 +50,13 @@ class PackedWeights:
             version = weight._version
         except RuntimeError:  # tensors made under inference_mode have no version counter
             return weight
-        key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
+        storage = weight.untyped_storage().data_ptr()
+        key = (storage, weight.data_ptr(), tuple(weight.shape), weight.stride())
         entry = self._entries.get(key)
         if entry is None or entry[1] != version:
+            # Entries of other memory belong to weights this module no longer has (replaced,
+            # moved, or restacked): dropping them frees those weights and their copies.
+            self._entries = {k: e for k, e in self._entries.items() if k[0] == storage}
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 64))
             entry = self._entries[key] = (weight.detach(), version, packed)
         return entry[2]
