@@ -54,11 +54,15 @@ class PackedWeights:
         key = (storage, weight.data_ptr(), tuple(weight.shape), weight.stride())
         entry = self._entries.get(key)
         if entry is None or entry[1] != version:
-            # Entries of other memory belong to weights this module no longer has (replaced,
-            # moved, or restacked): dropping them frees those weights and their copies.
-            self._entries = {k: e for k, e in self._entries.items() if k[0] == storage}
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 64))
-            entry = self._entries[key] = (weight.detach(), version, packed)
+            entry = (weight.detach(), version, packed)
+            # Entries of other memory belong to weights this module no longer has (replaced,
+            # moved, or restacked): dropping them frees those weights and their copies. A
+            # snapshot, filled and swapped in whole: threads running the module at once
+            # never see a dictionary change under them (at worst one repacks again).
+            kept = {k: e for k, e in list(self._entries.items()) if k[0] == storage}
+            kept[key] = entry
+            self._entries = kept
         return entry[2]
 
     def __getstate__(self) -> dict:
