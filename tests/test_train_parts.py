@@ -122,15 +122,20 @@ def test_semantic_aux_loss_is_cross_entropy_of_the_mask_features() -> None:
     captured = {}
 
     def keep(module, inputs, output) -> None:
-        captured.setdefault("features", output[0])
+        captured.setdefault("fpn", output)
 
-    model.model.pixel_level_module.register_forward_hook(keep)
+    # Mask features by their definition: the 1x1 mask projection of the FPN's last output.
+    decoder = model.model.pixel_level_module.decoder
+    decoder.layer_1.register_forward_hook(keep)
     labels = torch.randint(0, config.num_labels, (2, 64, 64))
     labels[:, :10] = 255
     model(torch.randn(2, 3, 64, 64))
     got = loss_fn(labels)
+    mask_features = torch.nn.functional.conv2d(
+        captured["fpn"], decoder.mask_projection.weight, decoder.mask_projection.bias
+    )
     logits = torch.nn.functional.interpolate(
-        loss_fn.classifier(captured["features"]), size=(64, 64), mode="bilinear", align_corners=False
+        loss_fn.classifier(mask_features), size=(64, 64), mode="bilinear", align_corners=False
     )
     torch.testing.assert_close(got, 3.0 * torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
     got.backward()

@@ -41,9 +41,13 @@ class SemanticAuxiliaryLoss(nn.Module):
         """Capture the mask features (``[B, C, H / 4, W / 4]``) of every training forward of
         ``model`` (a ``Mask2FormerForUniversalSegmentation``)."""
 
+        # The model itself never computes the mask features (its mask head folds their
+        # projection into the queries), so they are made here from its pixel features.
+        mask_projection = model.model.pixel_level_module.decoder.mask_projection
+
         def keep_mask_features(module: nn.Module, inputs: object, output: tuple[Tensor, ...]) -> None:
             if module.training:
-                self._features = output[0]
+                self._features = mask_projection(output[0])
 
         self._handle = model.model.pixel_level_module.register_forward_hook(keep_mask_features)
 

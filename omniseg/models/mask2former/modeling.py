@@ -76,9 +76,13 @@ class Mask2FormerModel(nn.Module):
         """``[B, 3, H, W]`` -> per prediction (initial, then each decoder layer): the
         normalised query states ``[B, Q, C]`` and the mask logits ``[B, Q, H / 4, W / 4]``
         (only the final prediction's unless ``intermediate_masks``)."""
-        mask_features, multi_scale, spatial_shapes = self.pixel_level_module(pixel_values)
+        pixel_features, multi_scale, spatial_shapes = self.pixel_level_module(pixel_values)
         return self.transformer_module(
-            multi_scale, spatial_shapes, mask_features, intermediate_masks=intermediate_masks
+            multi_scale,
+            spatial_shapes,
+            pixel_features,
+            self.pixel_level_module.decoder.mask_projection,
+            intermediate_masks=intermediate_masks,
         )
 
 

@@ -4,7 +4,9 @@ The three lowest-resolution backbone maps (strides 32, 16, 8) are projected to
 ``feature_size`` channels, flattened into one sequence and refined by a stack of
 multi-scale deformable self-attention layers (encoder only, Deformable DETR style). The
 result feeds the transformer decoder (one map per level) and, through FPN lateral and
-output convolutions on the higher-resolution backbone maps, the stride-4 mask features.
+output convolutions on the higher-resolution backbone maps, the stride-4 pixel features
+(whose 1x1 ``mask_projection`` gives the mask features; the transformer decoder's mask
+head applies it, folded into its query embeddings).
 
 Inside the encoder, features travel as sequences ``[B, S, C]`` (all levels concatenated,
 each level row-major). Maps ``[B, C, H, W]`` are kept in channels-last memory, the layout
@@ -230,12 +232,13 @@ def _conv_norm(in_channels: int, out_channels: int, *, kernel_size: int, bias: b
 
 
 class Mask2FormerPixelDecoder(nn.Module):
-    """Backbone maps -> (stride-4 mask features, the encoder's three multi-scale maps).
+    """Backbone maps -> (stride-4 pixel features, the encoder's three multi-scale maps).
 
     Checkpoint names: ``level_embed``, ``input_projections.{i}`` (conv 1x1 + GroupNorm,
     lowest resolution first), ``encoder.layers.*``, ``adapter_{i}`` / ``layer_{i}`` (FPN
     lateral conv 1x1 + GroupNorm / output conv 3x3 + GroupNorm + ReLU; ``i = 1`` is the
-    highest-resolution backbone map), ``mask_projection`` (conv 1x1).
+    highest-resolution backbone map), ``mask_projection`` (conv 1x1 from the pixel features
+    to the mask features; held here for the checkpoint, applied by the mask head).
     """
 
     def __init__(self, config: Mask2FormerConfig, feature_channels: Sequence[int]) -> None:
@@ -267,8 +270,9 @@ class Mask2FormerPixelDecoder(nn.Module):
                 (channels-last memory is fastest).
 
         Returns:
-            ``mask_features`` ``[B, mask_feature_size, H_0, W_0]`` (stride 4, channels-last
-            memory);
+            the pixel features ``[B, feature_size, H_0, W_0]`` (stride 4, the FPN's output;
+            the mask features are their ``mask_projection``, which the mask head folds
+            into its query embeddings instead, see ``MaskPredictor``);
             the encoder's maps as sequences ``[B, h_l * w_l, feature_size]``, lowest
             resolution first (strides 32, 16, 8); and their ``(h_l, w_l)``.
         """
@@ -298,4 +302,4 @@ class Mask2FormerPixelDecoder(nn.Module):
             lateral = getattr(self, f"adapter_{index}")(features[index - 1])
             upsampled = F.interpolate(fpn, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             fpn = getattr(self, f"layer_{index}")(upsampled.add_(lateral))
-        return self.mask_projection(fpn), multi_scale, spatial_shapes
+        return fpn, multi_scale, spatial_shapes
