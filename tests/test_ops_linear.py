@@ -95,3 +95,31 @@ def _saved_and_loaded(module):
     torch.save(module, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+def test_converting_or_moving_a_module_drops_its_packed_weights():
+    """``.to`` / ``.double`` / ``.cuda`` replace the weights: the cached copies of the old
+    ones (which hold those weights alive) go with them, in every module that has some."""
+    from omniseg.models.mask2former.transformer_decoder import MaskedCrossAttention
+    from omniseg.models.swin.attention import WindowSelfAttention
+
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    conv = PointwiseConv2d(32, 16)
+    window = WindowSelfAttention(32, num_heads=2, window_size=3, qkv_bias=True)
+    cross = MaskedCrossAttention(32, 2, 0.0)
+    x = torch.randn(2, 9, 32)
+    maps = torch.randn(1, 32, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x), conv(maps), window.fused_qkv(x), cross(x, x, x, torch.ones(2, 1, 9, 9, dtype=torch.bool))
+    if _ONEDNN_LINEAR:
+        assert all(len(m.packed_weights._entries) > 0 for m in (layer, conv, window, cross))
+    assert window._fused_sources
+    for module in (layer, conv, window, cross):
+        module.double()
+        assert module.packed_weights._entries == {}
+    assert window._fused_sources == [] and window._fused_cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), F.linear(x.double(), layer.weight, layer.bias))
+        layer.float()
+        assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))

@@ -19,6 +19,7 @@ models' shapes (one thread), for a second copy of the linear weights in memory.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +66,27 @@ class PackedWeights:
             self._entries = kept
         return entry[2]
 
+    def clear(self) -> None:
+        """Drop every entry (and with it the weights they keep alive)."""
+        self._entries = {}
+
     def __getstate__(self) -> dict:
         return {"_entries": {}}
 
     def __deepcopy__(self, memo: dict) -> PackedWeights:
         return PackedWeights()
+
+
+class HoldsPackedWeights(nn.Module):
+    """Base of modules with a ``packed_weights`` cache: converting or moving the module
+    (``.to``, ``.cuda``, ``.half``, ... all go through ``_apply``) drops the cache, which
+    would otherwise keep the old CPU weights and their copies alive for good."""
+
+    packed_weights: PackedWeights
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> HoldsPackedWeights:
+        self.packed_weights.clear()
+        return super()._apply(fn, recurse)
 
 
 def linear(
@@ -99,7 +116,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class Linear(nn.Linear):
+class Linear(HoldsPackedWeights, nn.Linear):
     """``nn.Linear`` computed with :func:`linear` (same parameters, same checkpoint keys).
 
     Module transforms that match the exact class ``nn.Linear`` (dynamic quantization) must
@@ -123,7 +140,7 @@ def as_plain_linear(module: nn.Module) -> nn.Module:
     return module
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(HoldsPackedWeights, nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` (same parameters and checkpoint keys) computed as :func:`linear`
     over the channels of each pixel.
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
 from omniseg.models.mask2former.pixel_decoder import NUM_ATTENTION_LEVELS, sine_position_embedding
-from omniseg.ops.linear import Linear, PackedWeights, linear
+from omniseg.ops.linear import HoldsPackedWeights, Linear, PackedWeights, linear
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
         return self.out_proj(_merge_heads(context))
 
 
-class MaskedCrossAttention(nn.Module):
+class MaskedCrossAttention(HoldsPackedWeights):
     """Multi-head attention from queries to features, restricted by a boolean mask.
 
     Parameters are packed as in ``torch.nn.MultiheadAttention`` (checkpoint names

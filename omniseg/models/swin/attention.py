@@ -12,12 +12,13 @@ published weights load unchanged.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniseg.ops.linear import Linear, PackedWeights, linear
+from omniseg.ops.linear import HoldsPackedWeights, Linear, PackedWeights, linear
 
 # Projecting before cutting windows skips the padding slots' matmul, but gathers three
 # times the channels. It pays when (padding slots / all slots) * channels is at least this:
@@ -134,7 +135,7 @@ def window_layout(
     )
 
 
-class WindowSelfAttention(nn.Module):
+class WindowSelfAttention(HoldsPackedWeights):
     """Query/key/value projections and the relative position bias table of one block.
 
     Checkpoint names: ``query``, ``key``, ``value``, ``relative_position_bias_table``.
@@ -162,6 +163,11 @@ class WindowSelfAttention(nn.Module):
         self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused_sources: list[torch.Tensor] = []
         self.packed_weights = PackedWeights()  # of the stacked projection, see fused_qkv
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> WindowSelfAttention:
+        # The stacked projection's cache too: it keeps the old parameters alive.
+        self._fused_key, self._fused_cache, self._fused_sources = None, None, []
+        return super()._apply(fn, recurse)
 
     def position_bias(self, window_size: int) -> torch.Tensor:
         """Bias ``[num_heads, L, L]`` for windows of side ``window_size`` (``L = side**2``)."""
