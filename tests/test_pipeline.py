@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import omniseg
 from omniseg.errors import ImageReadError, ModelNotFoundError
