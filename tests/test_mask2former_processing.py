@@ -110,6 +110,21 @@ def test_photo_gray_rgba_and_numpy_inputs(pair, street_photo) -> None:
     _assert_pixels_match(ref(batch, return_tensors="pt"), ours(batch))
 
 
+def test_photo_pixels_are_the_references_bit_for_bit(pair, street_photo) -> None:
+    """PIL resizing, the float64 rescale and the float32 normalisation (looked up per uint8
+    level) give exactly the reference's inputs, whatever the input's form."""
+    ref, ours = pair(size={"shortest_edge": 96, "longest_edge": 160}, do_convert_rgb=True)
+    rgba = street_photo.convert("RGBA")
+    rgba.putalpha(120)
+    hwc = np.array(street_photo)
+    for image in (street_photo, rgba, hwc, torch.from_numpy(hwc).permute(2, 0, 1), [street_photo, rgba]):
+        expected = ref(image, return_tensors="pt")["pixel_values"]
+        assert torch.equal(ours(image).pixel_values, expected)
+    # Without resizing, the looked-up levels meet the pixels as they come.
+    ref, ours = pair(do_resize=False)
+    assert torch.equal(ours(street_photo).pixel_values, ref(street_photo, return_tensors="pt")["pixel_values"])
+
+
 def test_grayscale_without_rgb_conversion_is_rejected_like_reference(pair, street_photo) -> None:
     ref, ours = pair(size={"height": 64, "width": 96})
     gray = street_photo.convert("L")

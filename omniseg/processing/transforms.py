@@ -125,14 +125,16 @@ def to_chw_tensor(
         channel_format: ``"channels_first"`` / ``"channels_last"`` to skip inference for arrays.
 
     Returns:
-        A contiguous ``[C, H, W]`` tensor.
+        A ``[C, H, W]`` tensor: for a PIL image, a view of its ``[H, W, C]`` pixels (no copy:
+        :func:`resize` hands them back to PIL as they are, and the normalisation writes
+        channel-first memory); otherwise contiguous.
     """
     if isinstance(image, Image.Image):
         array = _pil_to_rgb_array(image) if convert_rgb else np.array(image)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if tensor.ndim == 2:
-            return tensor.unsqueeze(0).contiguous()
-        return tensor.permute(2, 0, 1).contiguous()
+            return tensor.unsqueeze(0)
+        return tensor.permute(2, 0, 1)
     if isinstance(image, np.ndarray):
         if image.dtype == np.bool_:
             image = image.astype(np.uint8)
@@ -310,16 +312,21 @@ def _resize_with_pil(image: torch.Tensor, size: tuple[int, int], code: int) -> t
     """
     lead = image.shape[:-3] if image.ndim >= 3 else ()
     chw = image.reshape(-1, *image.shape[-3:]) if image.ndim >= 3 else image.reshape(1, 1, *image.shape)
-    outputs = []
-    for item in chw.cpu().numpy():
-        if item.shape[0] == 3:
-            resized = np.asarray(Image.fromarray(np.ascontiguousarray(item.transpose(1, 2, 0))).resize((size[1], size[0]), resample=code))
-            outputs.append(resized.transpose(2, 0, 1))
-        else:
-            outputs.append(
-                np.stack([np.asarray(Image.fromarray(ch).resize((size[1], size[0]), resample=code)) for ch in item])
+    items = chw.cpu().numpy()
+    if items.shape[1] == 3:
+        # RGB as PIL holds it, [H, W, 3]: a view, not a copy, for pixels already in that
+        # layout (see to_chw_tensor); the results stay so, viewed channel-first.
+        resized = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(item.transpose(1, 2, 0))).resize((size[1], size[0]), resample=code))
+            for item in items
+        ]
+        out = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
+    else:
+        out = torch.from_numpy(
+            np.stack(
+                [np.stack([np.asarray(Image.fromarray(ch).resize((size[1], size[0]), resample=code)) for ch in item]) for item in items]
             )
-    out = torch.from_numpy(np.ascontiguousarray(np.stack(outputs)))
+        )
     if image.ndim < 3:
         return out.reshape(*size).to(image.device)
     return out.reshape(*lead, image.shape[-3], *size).to(image.device)
@@ -422,11 +429,18 @@ def rescale_and_normalize(
     The arithmetic is the reference's NumPy backend (what it runs without torchvision, as
     with the PIL resizing here): rescale in float64, round to float32, then
     ``(x - mean) / std`` in float32. The inputs are then bit-identical to the reference's,
-    so near-tie pixels of a final segmentation do not flip.
+    so near-tie pixels of a final segmentation do not flip. uint8 pixels take those values
+    from a table of the 256 levels per channel, computed the same way.
     """
     if do_normalize:
         if mean is None or std is None:
             raise ValueError("image_mean and image_std are required to normalize")
+        if do_rescale and image.dtype == torch.uint8 and image.ndim >= 3:
+            levels = (torch.arange(256, dtype=torch.float64, device=image.device) * rescale_factor).to(torch.float32)
+            table = normalize(levels.view(1, 256, 1).expand(image.shape[-3], 256, 1), mean, std)  # [C, 256, 1]
+            offsets = torch.arange(0, 256 * image.shape[-3], 256, device=image.device).view(-1, 1, 1)
+            index = image.to(torch.int64, memory_format=torch.contiguous_format) + offsets
+            return table.view(-1)[index]
         if do_rescale:
             image = (image.to(torch.float64) * rescale_factor).to(torch.float32)
         return normalize(image, mean, std)
