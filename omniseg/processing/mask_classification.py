@@ -250,9 +250,9 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     margin = _SCORE_MARGIN + _logit_error(mask_logits.shape[1:]) * max(-float(low), float(high))
     # Only the width resized: torch's kernel then weighs the one source row by exactly 1.
     # Queries last: a band's rows are then contiguous blocks to gather, and its probabilities
-    # rows of Q values, the layout in which oneDNN's matmul takes them fastest. Resizing in
-    # that layout (channels-last) makes it directly, 4-5x faster than resizing channel-first
-    # (which converts to channels-last and back inside) and transposing.
+    # rows of Q values, the layout in which oneDNN's matmul takes them fastest. Resized as
+    # channels-last maps, the result comes out in that layout: 4-5x faster than resizing
+    # channel-first (which converts to channels-last and back inside) and transposing.
     queries_last = mask_logits[None].contiguous(memory_format=torch.channels_last)
     columns = F.interpolate(queries_last, size=(mask_logits.shape[1], width), mode="bilinear", align_corners=False)
     columns = columns[0].permute(1, 2, 0).contiguous()  # [h, 384, Q], no copy
