@@ -674,7 +674,9 @@ def _chunked_first_argmax(
         chunk = values(start, stop)
         ranks = torch.arange(count - start, count - stop, -1, device=chunk.device).to(rank_dtype).view(-1, 1, 1)
         chunk_best = chunk.amax(dim=0)
-        chunk_rank = _as_rank(chunk == chunk_best, rank_dtype).mul_(ranks).amax(dim=0)
+        # ">=" is "==" here (no map exceeds the maximum; NaN compares false both ways), and
+        # PyTorch's CPU kernel for it is faster.
+        chunk_rank = _as_rank(chunk >= chunk_best, rank_dtype).mul_(ranks).amax(dim=0)
         if may_be_nan:
             # A NaN maximum equals nothing; argmax takes the first NaN.
             nan = chunk_best.isnan()
