@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +79,14 @@ class PackedWeights:
 
 
 class HoldsPackedWeights(nn.Module):
-    """Base of modules with a ``packed_weights`` cache: converting or moving the module
-    (``.to``, ``.cuda``, ``.half``, ... all go through ``_apply``) drops the cache, which
-    would otherwise keep the old CPU weights and their copies alive for good."""
+    """Base of modules that pass their weights to :func:`linear` with a ``packed_weights``
+    cache. Converting or moving the module (``.to``, ``.cuda``, ``.half``, ... all go through
+    ``_apply``) drops the cache, which would otherwise keep the old CPU weights and their
+    copies alive for good."""
 
-    packed_weights: PackedWeights
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed_weights = PackedWeights()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> HoldsPackedWeights:
         self.packed_weights.clear()
@@ -123,10 +127,6 @@ class Linear(HoldsPackedWeights, nn.Linear):
     first turn these into plain ``nn.Linear``s, see :func:`as_plain_linear`.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.packed_weights = PackedWeights()
-
     def forward(self, input: Tensor) -> Tensor:
         return linear(input, self.weight, self.bias, packed=self.packed_weights)
 
@@ -151,7 +151,6 @@ class PointwiseConv2d(HoldsPackedWeights, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
-        self.packed_weights = PackedWeights()
 
     def forward(self, input: Tensor) -> Tensor:
         pixels = input.permute(0, 2, 3, 1)  # [B, H, W, C]

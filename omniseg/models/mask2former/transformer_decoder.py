@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
 from omniseg.models.mask2former.pixel_decoder import NUM_ATTENTION_LEVELS, sine_position_embedding
-from omniseg.ops.linear import HoldsPackedWeights, Linear, PackedWeights, linear
+from omniseg.ops.linear import HoldsPackedWeights, Linear, linear
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -89,7 +89,6 @@ class MaskedCrossAttention(HoldsPackedWeights):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = Linear(dim, dim)
-        self.packed_weights = PackedWeights()  # of the query, key and value slices
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attend: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniseg.ops.linear import HoldsPackedWeights, Linear, PackedWeights, linear
+from omniseg.ops.linear import HoldsPackedWeights, Linear, linear
 
 # Projecting before cutting windows skips the padding slots' matmul, but gathers three
 # times the channels. It pays when (padding slots / all slots) * channels is at least this:
@@ -162,7 +162,6 @@ class WindowSelfAttention(HoldsPackedWeights):
         self._fused_key: tuple | None = None
         self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused_sources: list[torch.Tensor] = []
-        self.packed_weights = PackedWeights()  # of the stacked projection, see fused_qkv
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> WindowSelfAttention:
         # The stacked projection's cache too: it keeps the old parameters alive.
