@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from omniseg.ops import scored_argmax
 from omniseg.processing import mask_classification
 from omniseg.processing.mask2former import Mask2FormerImageProcessor
 
@@ -29,6 +30,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["numba", "pytorch"])
+def panoptic_reduction(request, monkeypatch):
+    """Run a panoptic test with the compiled per-pixel reduction (the ``fast`` extra) and with
+    the PyTorch path used without it."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(scored_argmax, "numba", None)
+    return request.param
 
 
 def _reference(**settings):
@@ -292,7 +304,7 @@ def test_instance_post_processing_matches_reference(target_sizes) -> None:
 
 
 @pytest.mark.parametrize("target_sizes", TARGETS)
-def test_panoptic_post_processing_matches_reference(target_sizes) -> None:
+def test_panoptic_post_processing_matches_reference(target_sizes, panoptic_reduction) -> None:
     ref = _reference()
     processor = Mask2FormerImageProcessor()
     seen_fused = seen_dropped = 0
@@ -386,7 +398,28 @@ def test_fast_argmax_equals_torch_argmax_with_ties_and_nan() -> None:
     assert torch.equal(_first_argmax(many), many.argmax(dim=0))
 
 
-def test_panoptic_fused_id_reuse_matches_reference_counter() -> None:
+def test_scored_argmax_kernel_matches_pytorch() -> None:
+    pytest.importorskip("numba")
+    g = torch.Generator().manual_seed(2)
+    maps = torch.randint(0, 4, (21, 5, 6), generator=g).float() / 3  # many ties, three chunks
+    maps[2, 0, 0] = float("nan")
+    maps[[12, 19], 1, 1] = float("nan")  # NaN in later chunks only
+    maps[:, 4, 5] = float("nan")
+    maps[5:9, 2] = 0.7  # float32(0.7) < 0.7: at the threshold only when compared in float32
+    scores = torch.ones(21)
+    scores[::3] = torch.rand(7, generator=g)
+    scaled = maps * scores.view(-1, 1, 1)
+    best = torch.empty(5, 6)
+    owner = torch.empty(5, 6, dtype=torch.long)
+    areas = torch.empty(21, dtype=torch.long)
+    for start in range(0, 21, 8):
+        scored_argmax.update(maps[start : start + 8], scores[start : start + 8], start, 0.7, best, owner, areas)
+    assert torch.equal(owner, scaled.argmax(dim=0))
+    assert torch.equal(areas, (scaled >= 0.7).sum(dim=(1, 2)))
+    assert int(areas[5]) >= 6
+
+
+def test_panoptic_fused_id_reuse_matches_reference_counter(panoptic_reduction) -> None:
     # Four side-by-side queries: classes A (fused), B, A, C. The reference reuses A's id for the
     # second A and continues counting from it, so C gets B's id; we reproduce that exactly.
     masks = torch.full((1, 4, 8, 16), -9.0)
@@ -402,7 +435,7 @@ def test_panoptic_fused_id_reuse_matches_reference_counter() -> None:
     assert [s["id"] for s in ours[0]["segments_info"]] == [1, 2, 1, 2]
 
 
-def test_panoptic_ties_and_nan_across_query_chunks() -> None:
+def test_panoptic_ties_and_nan_across_query_chunks(panoptic_reduction) -> None:
     # More queries than one chunk of the running argmax: identical masks and scores tie
     # everywhere (the first query must win), and a query with NaN logits in a later chunk
     # takes the pixels where it is NaN (argmax ranks NaN first), as in the reference.

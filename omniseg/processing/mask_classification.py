@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from omniseg.ops import scored_argmax
 from omniseg.ops.linear import linear
 
 # The reference scales mask logits to this size before anything else, whatever the model input size.
@@ -608,7 +609,8 @@ def _panoptic_owners(
     With ``probs = resize(sigmoid(_to_reference_size(mask_logits)), size) * scores`` (what the
     reference builds for all queries at once), returns ``probs.argmax(0)`` and the count of
     pixels with ``probs >= mask_threshold`` per query: the same numbers, computed a few
-    queries at a time (see :func:`_chunked_first_argmax`).
+    queries at a time, by :mod:`omniseg.ops.scored_argmax` where numba is installed and
+    otherwise with PyTorch operations (see :func:`_chunked_first_argmax`).
 
     Args:
         mask_logits: ``[K, h, w]`` logits of the kept queries.
@@ -619,6 +621,23 @@ def _panoptic_owners(
         ``owner [H, W]`` (long, query index) and ``own_area [K]`` (long).
     """
     count = mask_logits.shape[0]
+
+    def unscaled(start: int, stop: int) -> torch.Tensor:
+        probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
+        if size is not None:
+            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+        return probs
+
+    if scored_argmax.available(mask_logits):
+        height, width = size or REFERENCE_MASK_SIZE
+        best = torch.empty(height, width)
+        owner = torch.empty(height, width, dtype=torch.long)
+        own_area = torch.empty(count, dtype=torch.long)
+        for start in range(0, count, _CHUNK):
+            stop = min(start + _CHUNK, count)
+            scored_argmax.update(unscaled(start, stop), scores[start:stop], start, mask_threshold, best, owner, own_area)
+        return owner, own_area
+
     # Only queries that might reach the mask threshold somewhere need counting: resizing
     # never leaves the range of the logits, so score * sigmoid(max logit) bounds a query's
     # probabilities (with a margin for float rounding).
@@ -629,10 +648,7 @@ def _panoptic_owners(
     own_area = torch.zeros(count, dtype=torch.long, device=mask_logits.device)
 
     def probabilities(start: int, stop: int) -> torch.Tensor:
-        probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
-        if size is not None:
-            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-        probs.mul_(scores[start:stop].view(-1, 1, 1))
+        probs = unscaled(start, stop).mul_(scores[start:stop].view(-1, 1, 1))
         for k in range(start, stop):
             if reachable[k]:
                 own_area[k] = torch.count_nonzero(probs[k - start] >= mask_threshold)
