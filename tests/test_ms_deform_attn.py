@@ -1,12 +1,27 @@
-"""The gather-based multi-scale deformable attention equals the grid_sample formulation."""
+"""The multi-scale deformable attention (gather-based, and the numba kernel of the ``fast``
+extra) equals the grid_sample formulation."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from omniseg.ops import ms_deform_attn
 from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention
+
+
+@pytest.fixture(params=["numba", "pytorch"])
+def sampling(request, monkeypatch):
+    """Run a test with the compiled kernel (inference, numba installed) and the PyTorch path."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(ms_deform_attn, "numba", None)
+    return request.param
 
 
 def grid_sample_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights):
@@ -46,7 +61,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("spatial_shapes", SHAPES)
-def test_matches_grid_sample_float64(spatial_shapes):
+def test_matches_grid_sample_float64(spatial_shapes, sampling):
     value, locations, weights = random_inputs(spatial_shapes, dtype=torch.float64)
     ours = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
     expected = grid_sample_deformable_attention(value, spatial_shapes, locations, weights)
@@ -54,7 +69,7 @@ def test_matches_grid_sample_float64(spatial_shapes):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
 
 
-def test_matches_grid_sample_float32():
+def test_matches_grid_sample_float32(sampling):
     spatial_shapes = [(24, 32), (12, 16), (6, 8)]
     value, locations, weights = random_inputs(spatial_shapes, dtype=torch.float32, queries=200)
     ours = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
@@ -62,7 +77,7 @@ def test_matches_grid_sample_float32():
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
-def test_exact_pixel_centres_borders_and_outside():
+def test_exact_pixel_centres_borders_and_outside(sampling):
     # One 3x4 level, one head: a sample on a pixel centre returns that pixel, a sample on the
     # outer edge of the map half of the border pixel, a sample beyond half a pixel outside 0.
     value = torch.arange(12, dtype=torch.float64).view(1, 12, 1, 1)
@@ -94,3 +109,16 @@ def test_gradients_match_grid_sample():
     (ref * upstream).sum().backward()
     for name, a, b in zip(("value", "locations", "weights"), ours_inputs, ref_inputs):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_compiled_sampling_keeps_torch_thread_count():
+    # numba's OpenMP layer starts by sizing the OpenMP pool, which PyTorch may share.
+    pytest.importorskip("numba")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention as sample\n"
+        "sample(torch.randn(1, 4, 1, 2), [(2, 2)], torch.rand(1, 3, 1, 1, 1, 2), torch.rand(1, 3, 1, 1, 1))\n"
+        "print(torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1"]

@@ -13,6 +13,11 @@ once into a table with a one-pixel zero border, so a sample's coordinates only n
 clamping to the border: neighbours outside the map then read zeros, with no per-neighbour
 validity masks. The index and weight arithmetic runs on all levels at once.
 
+At inference, with numba installed (the ``fast`` extra), a compiled loop does the same
+sampling for each query and head in one pass instead (no index or weight tensors: about 4x
+faster on Swin-T's pixel decoder); it sums the same terms in another order, so results agree
+to float rounding.
+
 Speed notes (CPU): elementwise ops that broadcast a small per-level tensor such as
 ``[L, 1]`` over ``[..., L, P]`` run an order of magnitude slower than same-shape ones
 (the innermost loop is only P long), so per-level constants are expanded to the full
@@ -25,9 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from omniseg.ops._numba import numba, use_torch_threads
 
 
 def multi_scale_deformable_attention(
@@ -72,6 +80,8 @@ def deformable_sampling(
     Returns:
         ``[B, Q, H * D]``.
     """
+    if _compiled_applies(value, pixel_locations, attention_weights):
+        return _compiled_sampling(value, spatial_shapes, pixel_locations, attention_weights)
     batch, _, heads, head_dim = value.shape
     num_queries, points = pixel_locations.shape[1], pixel_locations.shape[4]
     table = _bordered_table(value, spatial_shapes)
@@ -174,3 +184,67 @@ class _LevelConstants:
         head = torch.arange(heads, dtype=index_dtype, device=device).view(heads, 1, 1)
         self.first_row = expand(starts, index_dtype) * heads + head
         self.row_stride = self.padded_width * heads
+
+
+def _compiled_applies(*tensors: Tensor) -> bool:
+    """Whether the numba kernel can stand in: installed, CPU float32/float64, no gradient."""
+    return (
+        numba is not None
+        and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
+        and tensors[0].dtype in (torch.float32, torch.float64)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+def _compiled_sampling(
+    value: Tensor, spatial_shapes: Sequence[tuple[int, int]], pixel_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`deformable_sampling` by the numba kernel: ``[B, S, H, D]`` values -> ``[B, Q, H * D]``."""
+    use_torch_threads()
+    batch, _, heads, head_dim = value.shape
+    sizes = np.array(spatial_shapes, dtype=np.int64).reshape(-1, 2)
+    starts = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])[:-1]])
+    output = value.new_empty(batch, pixel_locations.shape[1], heads, head_dim)
+    _sample(
+        value.contiguous().numpy(),
+        sizes,
+        starts,
+        pixel_locations.contiguous().numpy(),
+        attention_weights.contiguous().numpy(),
+        output.numpy(),
+    )
+    return output.flatten(2)
+
+
+if numba is not None:
+
+    @numba.njit(parallel=True, cache=True)
+    def _sample(value, sizes, starts, locations, weights, output):  # pragma: no cover - compiled
+        batch, _, heads, head_dim = value.shape
+        num_queries, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+        for item in numba.prange(batch * num_queries):
+            b, q = item // num_queries, item % num_queries
+            for h in range(heads):
+                total = output[b, q, h]
+                total[:] = 0.0
+                for level in range(levels):
+                    height, width, start = sizes[level, 0], sizes[level, 1], starts[level]
+                    for p in range(points):
+                        x, y = locations[b, q, h, level, p, 0], locations[b, q, h, level, p, 1]
+                        # All four neighbours outside the map (NaN too): the sample is zero.
+                        if not (x > -1.0 and x < width and y > -1.0 and y < height):
+                            continue
+                        left, top_row = np.floor(x), np.floor(y)
+                        fx, fy = x - left, y - top_row
+                        attention = weights[b, q, h, level, p]
+                        bottom = fy * attention
+                        top = attention - bottom
+                        top_right, bottom_right = top * fx, bottom * fx
+                        taps = (top - top_right, top_right, bottom - bottom_right, bottom_right)
+                        for tap in range(4):
+                            col, row = int(left) + (tap & 1), int(top_row) + (tap >> 1)
+                            if 0 <= col < width and 0 <= row < height:
+                                weight = taps[tap]
+                                pixel = value[b, start + row * width + col, h]
+                                for d in range(head_dim):
+                                    total[d] += weight * pixel[d]

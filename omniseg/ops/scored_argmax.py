@@ -17,10 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-try:
-    import numba
-except ImportError:  # the fast extra is not installed
-    numba = None
+from omniseg.ops._numba import numba, use_torch_threads
 
 
 def available(maps: Tensor) -> bool:
@@ -43,9 +40,7 @@ def update(
         owner: ``[H, W]`` int64, the index of the map holding it (updated in place).
         areas: ``[count]`` int64, per map (entries ``start .. start + k - 1`` are written).
     """
-    threads = torch.get_num_threads()
-    if numba.get_num_threads() != min(threads, numba.config.NUMBA_NUM_THREADS):
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    use_torch_threads()
     k = maps.shape[0]
     row_areas = torch.empty(maps.shape[1], k, dtype=torch.int64)
     _reduce(

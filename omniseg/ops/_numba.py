@@ -1,0 +1,23 @@
+"""numba, the compiler of the ``fast`` extra's kernels: the module, or None when the extra is
+not installed (callers then keep their PyTorch paths)."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import numba
+except ImportError:
+    numba = None
+
+
+def use_torch_threads() -> None:
+    """Run numba's parallel loops on as many threads as PyTorch's intra-op pool."""
+    threads = torch.get_num_threads()
+    wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+    # numba's OpenMP layer sizes the OpenMP pool when it starts (above, once per process);
+    # where PyTorch uses the same OpenMP runtime that resizes PyTorch's pool too.
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
