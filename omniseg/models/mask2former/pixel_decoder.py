@@ -129,7 +129,7 @@ class MultiscaleDeformableAttention(nn.Module):
         weights = weights.view(batch, seq_len, heads, levels, points)
         # Offsets are in pixels of each level, like the reference points: the sampling
         # locations are their sums, with no normalising to [0, 1] and back.
-        locations = offsets + reference_points  # [B, S, heads, L, P, 2]
+        locations = offsets.add_(reference_points)  # [B, S, heads, L, P, 2]
         output = deformable_sampling(value, spatial_shapes, locations, weights)
         return self.output_proj(output)
 
@@ -163,12 +163,14 @@ class PixelDecoderEncoderLayer(nn.Module):
         """``[B, S, C]`` -> ``[B, S, C]``; other arguments as in
         :meth:`MultiscaleDeformableAttention.forward`."""
         attended = self.self_attn(hidden_states, position_embeddings, reference_points, spatial_shapes)
+        # In place, into the layers' fresh outputs (the residual sums too: the same numbers
+        # as hidden_states + branch): each new [B, S, C] or [B, S, 4C] buffer would cost an
+        # allocation and its page faults.
         attended = F.dropout(attended, self.dropout, self.training)
-        hidden_states = self.self_attn_layer_norm(hidden_states + attended)
-        # In place: saves allocating (and page-faulting) another [B, S, 4C] buffer.
+        hidden_states = self.self_attn_layer_norm(attended.add_(hidden_states))
         mlp = F.dropout(F.relu(self.fc1(hidden_states), inplace=True), self.dropout, self.training)
         mlp = F.dropout(self.fc2(mlp), self.dropout, self.training)
-        return self.final_layer_norm(hidden_states + mlp)
+        return self.final_layer_norm(mlp.add_(hidden_states))
 
 
 class PixelDecoderEncoder(nn.Module):
