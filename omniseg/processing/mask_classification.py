@@ -258,7 +258,14 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     columns = F.interpolate(queries_last, size=(mask_logits.shape[1], width), mode="bilinear", align_corners=False)
     columns = columns[0].permute(1, 2, 0).contiguous()  # [h, 384, Q], no copy
     first, second, weight = _bilinear_taps(mask_logits.shape[1], height)
-    weight = weight.view(-1, 1, 1)
+    # Each grid row as a blend of two column-resized source rows: a band's rows are one small
+    # matrix product with the band's few source rows (one pass, where two row gathers and a
+    # lerp were three).
+    grid_rows = torch.arange(height)
+    blend = torch.zeros(height, mask_logits.shape[1])  # [384, h], two weights per row
+    blend[grid_rows, first] = 1 - weight
+    blend[grid_rows, second] += weight
+    columns = columns.view(mask_logits.shape[1], -1)  # [h, 384 * Q]
     class_rows = class_probs.T.contiguous()  # [C, Q]
     leader = torch.empty(height, dtype=torch.long)
     slack = torch.empty(height, width)
@@ -267,8 +274,8 @@ def _leads(class_probs: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.
     scored_classes = _classes_worth_scoring(class_rows, mask_logits, first, second, quarter)
     for start in range(0, height, _SCORE_BAND_ROWS):
         band = slice(start, min(start + _SCORE_BAND_ROWS, height))
-        probs = torch.lerp(columns.index_select(0, first[band]), columns.index_select(0, second[band]), weight[band])
-        probs.sigmoid_()  # [rows, 384, Q]
+        sources = slice(int(first[band][0]), int(second[band][-1]) + 1)
+        probs = torch.mm(blend[band, sources], columns[sources]).sigmoid_()  # [rows, 384 * Q]
         scored, rest = scored_classes[start // _SCORE_BAND_ROWS]
         scores = linear(class_rows[scored], probs.view(-1, queries)).view(len(scored), -1, width)
         k = int(scores.sum(dim=(1, 2)).argmax())
