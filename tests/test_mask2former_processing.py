@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from omniseg.ops import scored_argmax
@@ -417,6 +418,28 @@ def test_scored_argmax_kernel_matches_pytorch() -> None:
     assert torch.equal(owner, scaled.argmax(dim=0))
     assert torch.equal(areas, (scaled >= 0.7).sum(dim=(1, 2)))
     assert int(areas[5]) >= 6
+
+
+@pytest.mark.parametrize("in_size, out_size", [((13, 17), (29, 23)), ((96, 128), (480, 640)), ((384, 384), (61, 83))])
+def test_scored_argmax_resizes_like_pytorch(in_size, out_size) -> None:
+    pytest.importorskip("numba")
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(11, *in_size, generator=g)
+    maps[4, 1, 2] = float("nan")
+    scores = torch.rand(11, generator=g)
+    scores[7] = scores[2]  # a later map tying an earlier one wherever their values tie
+    maps[7] = maps[2]
+    best = torch.empty(out_size)
+    owner = torch.empty(out_size, dtype=torch.long)
+    areas = torch.empty(11, dtype=torch.long)
+    for start in range(0, 11, 8):
+        scored_argmax.update(maps[start : start + 8], scores[start : start + 8], start, 0.3, best, owner, areas)
+    resized = F.interpolate(maps[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    scaled = resized * scores.view(-1, 1, 1)
+    assert torch.equal(owner, scaled.argmax(dim=0))
+    assert torch.equal(areas, (scaled >= 0.3).sum(dim=(1, 2)))
+    if not scored_argmax._exact_resize(in_size, out_size):
+        pytest.skip("PyTorch's kernel rounds these sizes another way here, so PyTorch resized them")
 
 
 def test_panoptic_fused_id_reuse_matches_reference_counter(panoptic_reduction) -> None:

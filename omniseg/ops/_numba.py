@@ -1,5 +1,5 @@
 """numba, the compiler of the ``fast`` extra's kernels: the module, or None when the extra is
-not installed (callers then keep their PyTorch paths)."""
+not installed (callers then keep their PyTorch paths); and what the kernels share."""
 
 from __future__ import annotations
 
@@ -21,3 +21,20 @@ def use_torch_threads() -> None:
     # where PyTorch uses the same OpenMP runtime that resizes PyTorch's pool too.
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+if numba is not None:
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def fma32(typing_context, a, b, c):  # pragma: no cover - compiled
+        """``a * b + c`` in float32, rounded once (a fused multiply-add), inside kernels."""
+        signature = numba.float32(numba.float32, numba.float32, numba.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+
+        return signature, codegen
+
+else:
+    fma32 = None

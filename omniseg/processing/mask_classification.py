@@ -630,20 +630,15 @@ def _panoptic_owners(
     """
     count = mask_logits.shape[0]
 
-    def unscaled(start: int, stop: int) -> torch.Tensor:
-        probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
-        if size is not None:
-            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-        return probs
-
-    if scored_argmax.available(mask_logits):
+    if scored_argmax.available(mask_logits):  # resizes to ``size`` itself
         height, width = size or REFERENCE_MASK_SIZE
         best = torch.empty(height, width)
         owner = torch.empty(height, width, dtype=torch.long)
         own_area = torch.empty(count, dtype=torch.long)
         for start in range(0, count, _CHUNK):
             stop = min(start + _CHUNK, count)
-            scored_argmax.update(unscaled(start, stop), scores[start:stop], start, mask_threshold, best, owner, own_area)
+            probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
+            scored_argmax.update(probs, scores[start:stop], start, mask_threshold, best, owner, own_area)
         return owner, own_area
 
     # Only queries that might reach the mask threshold somewhere need counting: resizing
@@ -656,7 +651,10 @@ def _panoptic_owners(
     own_area = torch.zeros(count, dtype=torch.long, device=mask_logits.device)
 
     def probabilities(start: int, stop: int) -> torch.Tensor:
-        probs = unscaled(start, stop).mul_(scores[start:stop].view(-1, 1, 1))
+        probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
+        if size is not None:
+            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+        probs.mul_(scores[start:stop].view(-1, 1, 1))
         for k in range(start, stop):
             if reachable[k]:
                 own_area[k] = torch.count_nonzero(probs[k - start] >= mask_threshold)
