@@ -7,27 +7,21 @@ reaches the mask threshold. With PyTorch operations that is a resize and several
 each chunk of full-size maps (scale, maximum, equality, ranks, merge, counts), each bound by
 memory speed. Compiled with numba (the ``fast`` extra) it is one pass per band of output
 rows that never writes the resized maps: the same numbers. The products are the same float32
-multiplications, the comparisons exact, and the bilinear resize is PyTorch's arithmetic
-(``align_corners=False``: source positions ``fma(scale, x + 0.5, -0.5)``, then ``fma(a, w0,
-b * w1)`` along rows and the same down columns), computed separably: each source row is
-resized along once, not once per output row. That it equals PyTorch's own resize bit for bit
-is checked on this machine, once per pair of sizes, before it is used (:func:`_exact_resize`);
-where it does not, PyTorch resizes and the kernel only reduces. (With torch 2.13 on x86-64 it
-matches for image-sized outputs, 61x83 to 1080x1920 from 384x384, and not for some small
-ones such as 25x31, which PyTorch computes another way.)
+multiplications, the comparisons exact, and the bilinear resize is PyTorch's arithmetic,
+computed separably (see :mod:`omniseg.ops.bilinear`, whose check this kernel passes too before
+it resizes: where it does not, PyTorch resizes and the kernel only reduces).
 
 Without numba :func:`available` is False and callers keep their PyTorch path.
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from omniseg.ops import bilinear
 from omniseg.ops._numba import fma32, numba, use_torch_threads
 
 
@@ -62,13 +56,13 @@ def update(
     """
     use_torch_threads()
     k, size = maps.shape[0], tuple(best.shape)
-    if tuple(maps.shape[1:]) != size and not _exact_resize(tuple(maps.shape[1:]), size):
+    if tuple(maps.shape[1:]) != size and not bilinear.matches_pytorch(tuple(maps.shape[1:]), size, _resized):
         maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
     row_areas = torch.empty(size[0], k, dtype=torch.int64)
     _reduce(
         maps.detach().contiguous().numpy(),
-        *_taps(maps.shape[1], size[0]),
-        *_taps(maps.shape[2], size[1]),
+        *bilinear.taps(maps.shape[1], size[0]),
+        *bilinear.taps(maps.shape[2], size[1]),
         scores.detach().to(torch.float32).contiguous().numpy(),
         start,
         np.float32(threshold),  # compared in float32, as PyTorch compares a float32 map with a Python float
@@ -79,45 +73,23 @@ def update(
     areas[start : start + k] = row_areas.sum(0)
 
 
-@functools.lru_cache(maxsize=64)
-def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """PyTorch's bilinear source indices ``first, second`` (int64) and float32 weights
-    ``w0, w1`` (``align_corners=False``) for each of ``out_size`` outputs; the identity
-    (``w0 = 1, w1 = 0``) when the sizes are equal."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    outputs = np.arange(out_size, dtype=np.float64)
-    # fma(scale, x + 0.5, -0.5) rounded once: exact in float64, whose 53 bits hold the product.
-    position = np.maximum((np.float64(scale) * (outputs + 0.5) - 0.5).astype(np.float32), np.float32(0))
-    first = position.astype(np.int64)
-    second = np.where(first < in_size - 1, first + 1, first)
-    w1 = np.minimum(position - first.astype(np.float32), np.float32(1)).astype(np.float32)
-    w0 = (np.float32(1) - w1).astype(np.float32)
-    return first, second, w0, w1
-
-
-@functools.lru_cache(maxsize=64)
-def _exact_resize(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
-    """Whether the kernel's resize from ``in_size`` to ``out_size`` equals PyTorch's here, bit
-    for bit, on random values (PyTorch's kernel is plain C++: how the compiler fused its
-    multiply-adds decides its last bits). Equal sizes along an axis are left to PyTorch,
-    which copies there."""
-    if in_size[0] == out_size[0] or in_size[1] == out_size[1]:
-        return False
-    probe = torch.rand(1, *in_size, generator=torch.Generator().manual_seed(0))
-    expected = F.interpolate(probe[None], size=out_size, mode="bilinear", align_corners=False)[0, 0]
-    resized = torch.empty(out_size)
-    _reduce(
-        probe.numpy(),
-        *_taps(in_size[0], out_size[0]),
-        *_taps(in_size[1], out_size[1]),
-        np.ones(1, dtype=np.float32),
-        0,
-        np.float32(2.0),
-        resized.numpy(),
-        np.empty(out_size, dtype=np.int64),
-        np.empty((out_size[0], 1), dtype=np.int64),
-    )
-    return torch.equal(resized, expected)
+def _resized(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Each map resized by the reduction kernel (alone, with score 1: the running maximum is
+    the map), for :func:`~omniseg.ops.bilinear.matches_pytorch`."""
+    resized = torch.empty(maps.shape[0], *size)
+    for j in range(maps.shape[0]):
+        _reduce(
+            maps[j : j + 1].contiguous().numpy(),
+            *bilinear.taps(maps.shape[1], size[0]),
+            *bilinear.taps(maps.shape[2], size[1]),
+            np.ones(1, dtype=np.float32),
+            0,
+            np.float32(2.0),
+            resized[j].numpy(),
+            np.empty(size, dtype=np.int64),
+            np.empty((size[0], 1), dtype=np.int64),
+        )
+    return resized
 
 
 # Output rows per parallel work item: the block's source rows, resized along, stay in cache.

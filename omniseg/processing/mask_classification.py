@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from omniseg.ops import scored_argmax
+from omniseg.ops import bilinear, scored_argmax
 from omniseg.ops.linear import linear
 
 # The reference scales mask logits to this size before anything else, whatever the model input size.
@@ -50,10 +50,8 @@ def _check_target_sizes(target_sizes: Sequence[Any] | torch.Tensor | None, batch
 
 def _to_reference_size(mask_logits: torch.Tensor) -> torch.Tensor:
     """``[..., Q, h, w]`` mask logits to 384x384 (bilinear, ``align_corners=False``)."""
-    squeeze = mask_logits.ndim == 3
-    batch = mask_logits.unsqueeze(0) if squeeze else mask_logits
-    out = F.interpolate(batch, size=REFERENCE_MASK_SIZE, mode="bilinear", align_corners=False)
-    return out[0] if squeeze else out
+    maps = mask_logits.reshape(-1, *mask_logits.shape[-2:])
+    return bilinear.resize(maps, REFERENCE_MASK_SIZE).view(*mask_logits.shape[:-2], *REFERENCE_MASK_SIZE)
 
 
 # --------------------------------------------------------------------------- RLE
