@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniseg.ops.linear import _ONEDNN_LINEAR, Linear, PackedWeights, PointwiseConv2d, as_plain_linear, linear
+from omniseg.ops.linear import (
+    _ONEDNN_LINEAR,
+    Linear,
+    PackedWeights,
+    PointwiseConv2d,
+    as_plain_linear,
+    linear,
+    linear_and_activation,
+)
 
 
 @pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), (2, 3, 4, 32), (0, 32)])
@@ -26,6 +34,26 @@ def test_linear_equals_f_linear_at_inference(shape):
     wide = torch.randn(6, 64, generator=generator)[:, ::2]
     with torch.no_grad():
         torch.testing.assert_close(linear(wide, weight, bias), F.linear(wide, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, function", [("relu", F.relu), ("gelu", F.gelu)])
+def test_fused_activation_is_bit_identical(name, function):
+    generator = torch.Generator().manual_seed(1)
+    layer = Linear(32, 48)
+    x = torch.randn(3, 50, 32, generator=generator) * 3
+    with torch.inference_mode():
+        plain = function(layer(x))
+        assert torch.equal(linear(x, layer.weight, layer.bias, packed=layer.packed_weights, activation=name), plain)
+        assert torch.equal(linear_and_activation(layer, x, name, function), plain)
+        # Layers other than omniseg's Linear (here a plain nn.Linear) take the two steps.
+        other = nn.Linear(32, 48)
+        assert torch.equal(linear_and_activation(other, x, name, function), function(other(x)))
+    # With autograd: PyTorch's operations, gradients flow.
+    x.requires_grad_()
+    out = linear_and_activation(layer, x, name, function)
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(out, plain)
 
 
 def test_linear_module_trains():

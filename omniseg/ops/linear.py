@@ -93,13 +93,28 @@ class HoldsPackedWeights(nn.Module):
         return super()._apply(fn, recurse)
 
 
+# Activations oneDNN can apply to a product's output as it is written (its "post-ops"),
+# bit-identical to PyTorch's own: name -> (post-op, algorithm, the PyTorch function).
+_POST_OPS: dict[str, tuple[str, str, Callable[[Tensor], Tensor]]] = {
+    "relu": ("relu", "", F.relu),
+    "gelu": ("gelu", "none", F.gelu),  # erf GELU; oneDNN's tanh GELU rounds differently
+}
+
+
 def linear(
-    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, packed: PackedWeights | None = None
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    packed: PackedWeights | None = None,
+    activation: str | None = None,
 ) -> Tensor:
-    """``F.linear(input, weight, bias)``: ``[..., in] -> [..., out]`` with ``weight [out, in]``.
+    """``F.linear(input, weight, bias)``: ``[..., in] -> [..., out]`` with ``weight [out, in]``,
+    then ``activation`` (``"relu"`` or ``"gelu"``) if given.
 
     Runs on oneDNN for float32 CPU tensors when autograd does not need the result, with the
-    weight taken from ``packed`` (reordered once) when given.
+    weight taken from ``packed`` (reordered once) when given, and the activation applied as
+    the output is written: no second pass over it (Swin-T's forward -2% for its GELUs).
     """
     if (
         _ONEDNN_LINEAR
@@ -112,8 +127,22 @@ def linear(
     ):
         if packed is not None:
             weight = packed.get(weight, input.numel() // max(input.shape[-1], 1))
-        return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
-    return F.linear(input, weight, bias)
+        post_op, algorithm, _ = _POST_OPS[activation] if activation is not None else ("none", "", None)
+        return torch.ops.mkldnn._linear_pointwise(input, weight, bias, post_op, [], algorithm)
+    output = F.linear(input, weight, bias)
+    return output if activation is None else _POST_OPS[activation][2](output)
+
+
+def linear_and_activation(
+    layer: nn.Module, input: Tensor, activation: str, activate: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``activate(layer(input))``, where ``activation`` is the name of ``activate``. When
+    ``layer`` is a :class:`Linear` and oneDNN has that activation, it is fused into the
+    product (see :func:`linear`); other layers (dynamically quantized ones, say) and other
+    activations take the two steps."""
+    if type(layer) is Linear and activation in _POST_OPS:
+        return linear(input, layer.weight, layer.bias, packed=layer.packed_weights, activation=activation)
+    return activate(layer(input))
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

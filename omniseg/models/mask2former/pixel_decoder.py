@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
-from omniseg.ops.linear import Linear, PointwiseConv2d
+from omniseg.ops.linear import Linear, PointwiseConv2d, linear_and_activation
 from omniseg.ops.ms_deform_attn import deformable_sampling
 
 # Mask2Former always uses the three lowest-resolution maps in attention, and 4 sampling
@@ -168,7 +169,8 @@ class PixelDecoderEncoderLayer(nn.Module):
         # allocation and its page faults.
         attended = F.dropout(attended, self.dropout, self.training)
         hidden_states = self.self_attn_layer_norm(attended.add_(hidden_states))
-        mlp = F.dropout(F.relu(self.fc1(hidden_states), inplace=True), self.dropout, self.training)
+        mlp = linear_and_activation(self.fc1, hidden_states, "relu", partial(F.relu, inplace=True))
+        mlp = F.dropout(mlp, self.dropout, self.training)
         mlp = F.dropout(self.fc2(mlp), self.dropout, self.training)
         return self.final_layer_norm(mlp.add_(hidden_states))
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniseg.models.swin.attention import Dense, WindowAttention, WindowLayout, window_layout
-from omniseg.ops.linear import Linear
+from omniseg.ops.linear import Linear, linear_and_activation
 
 # Each activation out of place (for autograd) and in place. The MLP's hidden layer is a
 # block's largest tensor: at inference a second buffer of its size costs an allocation and
@@ -133,7 +133,10 @@ class SwinBlock(nn.Module):
         # features + branch): no new buffer per block.
         features = self.drop_path(self.dropout(attended)).add_(features)
 
-        mlp = self.output(self.activation(self.intermediate(self.layernorm_after(features))))
+        hidden = linear_and_activation(
+            self.intermediate.dense, self.layernorm_after(features), self.activation.name, self.activation
+        )
+        mlp = self.output(hidden)
         return self.dropout(mlp).add_(features)
 
 
