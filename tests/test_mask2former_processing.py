@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from omniseg.ops import scored_argmax
+from omniseg.ops import _numba, scored_argmax
 from omniseg.processing import mask_classification
 from omniseg.processing.mask2former import Mask2FormerImageProcessor
 
@@ -40,7 +40,7 @@ def panoptic_reduction(request, monkeypatch):
     if request.param == "numba":
         pytest.importorskip("numba")
     else:
-        monkeypatch.setattr(scored_argmax, "numba", None)
+        monkeypatch.setattr(_numba, "numba", None)
     return request.param
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omniseg.ops import ms_deform_attn
+from omniseg.ops import _numba
 from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention
 
 
@@ -20,7 +20,7 @@ def sampling(request, monkeypatch):
     if request.param == "numba":
         pytest.importorskip("numba")
     else:
-        monkeypatch.setattr(ms_deform_attn, "numba", None)
+        monkeypatch.setattr(_numba, "numba", None)
     return request.param
 
 

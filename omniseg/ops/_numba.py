@@ -11,6 +11,18 @@ except ImportError:
     numba = None
 
 
+def kernels_apply(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether a numba kernel can stand in for PyTorch on ``tensors``: numba installed, all
+    on the CPU with one dtype of ``dtypes``, and no gradient needed (kernels have no backward).
+    With no tensors: whether numba is installed."""
+    return (
+        numba is not None
+        and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
+        and (not tensors or tensors[0].dtype in dtypes)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
 def use_torch_threads() -> None:
     """Run numba's parallel loops on as many threads as PyTorch's intra-op pool."""
     threads = torch.get_num_threads()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from omniseg.ops._numba import fma32, numba, use_torch_threads
+from omniseg.ops._numba import fma32, kernels_apply, numba, use_torch_threads
 
 Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -34,12 +34,7 @@ def resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """``F.interpolate(maps[None], size, mode="bilinear", align_corners=False)[0]``, the same
     numbers: ``[N, h, w] -> [N, *size]``."""
     size = tuple(size)
-    if (
-        numba is None
-        or maps.device.type != "cpu"
-        or maps.dtype != torch.float32
-        or not matches_pytorch(tuple(maps.shape[1:]), size, _compiled_resize)
-    ):
+    if not (kernels_apply(maps) and matches_pytorch(tuple(maps.shape[1:]), size, _compiled_resize)):
         return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
     return _compiled_resize(maps, size)
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from omniseg.ops._numba import numba, use_torch_threads
+from omniseg.ops._numba import kernels_apply, numba, use_torch_threads
 
 
 def multi_scale_deformable_attention(
@@ -80,7 +80,7 @@ def deformable_sampling(
     Returns:
         ``[B, Q, H * D]``.
     """
-    if _compiled_applies(value, pixel_locations, attention_weights):
+    if kernels_apply(value, pixel_locations, attention_weights, dtypes=(torch.float32, torch.float64)):
         return _compiled_sampling(value, spatial_shapes, pixel_locations, attention_weights)
     batch, _, heads, head_dim = value.shape
     num_queries, points = pixel_locations.shape[1], pixel_locations.shape[4]
@@ -184,16 +184,6 @@ class _LevelConstants:
         head = torch.arange(heads, dtype=index_dtype, device=device).view(heads, 1, 1)
         self.first_row = expand(starts, index_dtype) * heads + head
         self.row_stride = self.padded_width * heads
-
-
-def _compiled_applies(*tensors: Tensor) -> bool:
-    """Whether the numba kernel can stand in: installed, CPU float32/float64, no gradient."""
-    return (
-        numba is not None
-        and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
-        and tensors[0].dtype in (torch.float32, torch.float64)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    )
 
 
 def _compiled_sampling(

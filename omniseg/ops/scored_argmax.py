@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from omniseg.ops import bilinear
-from omniseg.ops._numba import fma32, numba, use_torch_threads
+from omniseg.ops._numba import fma32, kernels_apply, numba, use_torch_threads
 
 
 def available(maps: Tensor) -> bool:
-    """Whether :func:`update` can reduce maps like ``maps`` (numba installed, float32 on CPU)."""
-    return numba is not None and maps.device.type == "cpu" and maps.dtype == torch.float32
+    """Whether :func:`update` can reduce maps like ``maps`` (see ``kernels_apply``)."""
+    return kernels_apply(maps)
 
 
 def update(
