@@ -162,3 +162,24 @@ def test_dataset_maps_ignore_index_and_reduce_labels_to_training_labels(tmp_path
     reduced = SegmentationDataset([Sample(image, label)], num_labels=3, ignore_index=11, reduce_labels=True)[0]
     assert reduced["label"][0].tolist() == [IGNORE, 0, 1, 2, IGNORE, IGNORE]
     assert reduced["image"].shape == (3, 4, 6) and reduced["image"].dtype == torch.uint8
+
+
+def test_photometric_augmentation_is_seeded_and_changes_the_image() -> None:
+    from omniseg.data.augment import PhotometricAugmentation, gaussian_blur, jpeg_roundtrip
+
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
+    every = PhotometricAugmentation(gamma_prob=1, blur_prob=1, noise_prob=1, jpeg_prob=1)
+    first = every(image, torch.Generator().manual_seed(3))
+    assert torch.equal(first, every(image, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, every(image, torch.Generator().manual_seed(4)))
+    assert first.dtype == torch.uint8 and first.shape == image.shape
+    assert (first.float() - image.float()).abs().mean() > 5
+    none = PhotometricAugmentation(gamma_prob=0, blur_prob=0, noise_prob=0, jpeg_prob=0)
+    assert torch.equal(none(image, torch.Generator().manual_seed(3)), image)
+    flat = torch.full((3, 20, 20), 0.5)
+    torch.testing.assert_close(gaussian_blur(flat, 1.2), flat)
+    step = torch.zeros(3, 20, 20)
+    step[:, :, 10:] = 1.0
+    blurred = gaussian_blur(step, 1.0)
+    assert 0.0 < blurred[0, 5, 9] < 0.5 < blurred[0, 5, 10] < 1.0
+    assert (jpeg_roundtrip(image, 90).float() - image.float()).abs().mean() > 0

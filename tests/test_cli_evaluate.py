@@ -133,3 +133,20 @@ def test_class_mapping_by_name_and_by_id() -> None:
     assert lut.tolist()[:4] == [2, 0, 3, 1] and "by name" in note  # boat -> 3: out of range
     lut, note = class_mapping({0: "label_0", 1: "label_1"}, dataset)
     assert lut.tolist()[:3] == [0, 1, 2] and "by id" in note
+
+
+def test_group_selection_evaluates_only_the_named_groups(tiny_camvid: Path, tiny_model: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_camvid, data)
+    first = sorted((data / "images" / "val").glob("*.png"))[0]
+    for kind in ("images", "labels"):
+        (data / kind / "val" / first.name).rename(data / kind / "val" / "9999XX_00001.png")
+    common = ["evaluate", "--model", str(tiny_model), "--data", str(data), "--examples", "0", "--group-by", "^([^_]+)_"]
+    assert main([*common, "--groups", "9999XX", "--out", str(tmp_path / "one")]) == 0
+    report = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert report["images"] == 1 and report["groups"] == "9999XX"
+    assert "groups {'9999XX': 1}" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["images"] == 3
+    assert main([*common, "--groups", "nope", "--out", str(tmp_path / "bad")]) == 2
+    assert "no samples in group(s) nope" in capsys.readouterr().err

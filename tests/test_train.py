@@ -381,3 +381,68 @@ def test_semantic_aux_head_stays_identical_on_every_rank(frames, mask2former_dir
         assert torch.equal(rank0[key], rank1[key]), key
     head = [k for k in rank0 if k.startswith("aux.")]
     assert all(not torch.equal(rank0[k], rank0["initial_" + k]) for k in head)
+
+
+# ---------------------------------------------------------------------------- by group, EMA, time budget
+
+
+def test_holdout_group_trains_on_the_others_and_evaluates_on_it_only(frames, mask2former_dir, tmp_path, capsys) -> None:
+    """CamVid names start with their drive: the 4 train frames are 0001TP, the 2 val ones
+    0016E5. Holding 0016E5 out of train+val trains on 0001TP and scores on 0016E5 alone."""
+    out = tmp_path / "holdout"
+    assert train("--model", mask2former_dir, "--data", frames, "--out", out, "--max-steps", "2",
+                 "--batch-size", "2", "--train-split", "train,val", "--eval-split", "train,val",
+                 "--group-by", "^([^_]+)_", "--holdout-groups", "0016E5", "--eval-every", "2", *FAST) == 0
+    err = capsys.readouterr().err
+    assert "training groups: {'0001TP': 4}; evaluation groups: {'0016E5': 2}" in err
+    # The evaluation covered exactly the held-out frames (the val split here).
+    assert read_log(out)[-1]["eval_mean_iou"] == pytest.approx(_mean_iou(out, frames), abs=1e-6)
+
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "typo", "--max-steps", "1",
+                 "--group-by", "^([^_]+)_", "--holdout-groups", "0016E6", *FAST) == 1
+    assert "no samples in group(s) 0016E6" in capsys.readouterr().err
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "nogroup", "--max-steps", "1",
+                 "--holdout-groups", "0016E5", *FAST) == 1
+    assert "--holdout-groups needs --group-by" in capsys.readouterr().err
+
+
+def test_ema_weights_are_saved_and_resume_needs_the_same_setting(frames, mask2former_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "ema"
+    common = ["--model", mask2former_dir, "--data", frames, "--out", out, "--batch-size", "2", "--lr", "1e-3",
+              "--checkpoint-every", "1", *FAST]
+    assert train(*common, "--max-steps", "3", "--ema-decay", "0.5") == 0
+    from omniseg.train import checkpointing
+
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    saved = weights(out)
+    common_keys = saved.keys() & state["ema"].keys()
+    assert len(common_keys) > 100
+    assert_same_weights({k: saved[k] for k in common_keys}, {k: state["ema"][k] for k in common_keys})
+    changed = [k for k in common_keys if not torch.equal(saved[k], state["model"][k])]
+    assert len(changed) > 10  # the average lags the trained weights
+    assert train(*common, "--max-steps", "4", "--resume") == 1
+    assert "resume with the same --ema-decay setting" in capsys.readouterr().err
+
+
+def test_time_budget_fits_the_schedule_to_the_measured_step_time(frames, mask2former_dir, tmp_path, monkeypatch) -> None:
+    from omniseg.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_BUDGET_CLOCK", (2, 4))
+    out = tmp_path / "budget"
+    assert train("--model", mask2former_dir, "--data", frames, "--out", out, "--time-budget", "4",
+                 "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "4", *FAST) == 0
+    total = json.loads((out / "trainer_state.json").read_text())["total_steps"]
+    log = read_log(out)
+    assert total > 4 and log[-1]["step"] == total
+    # The poly schedule was laid over the fitted length: it ends near zero.
+    assert log[-1]["lr"] < 0.2 * max(r["lr"] for r in log)
+
+
+def test_class_balance_weighs_rare_classes_up(frames, mask2former_dir, tmp_path, capsys) -> None:
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cb", "--max-steps", "1",
+                 "--batch-size", "2", "--semantic-aux-weight", "1", "--class-balance", *FAST) == 0
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("class weights:"))
+    weights_by_name = {name: float(w) for name, w in (item.rsplit(" ", 1) for item in line[15:].split(", "))}
+    assert weights_by_name["road"] < 1.0 < weights_by_name["pole"]
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cb2", "--max-steps", "1",
+                 "--class-balance", *FAST) == 1

@@ -61,7 +61,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--model", metavar="M", help="model directory or hub id")
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset folder")
-    parser.add_argument("--split", default="val", help="dataset split (default: val)")
+    parser.add_argument("--split", default="val", help="dataset split(s), comma-separated (default: val)")
+    parser.add_argument("--group-by", metavar="REGEX",
+                        help="the group (drive, camera, site) of a file is the first capture group of REGEX in its "
+                        "name, e.g. '^([^_]+)_' for CamVid's drives; with --groups, evaluate those groups only")
+    parser.add_argument("--groups", metavar="G[,G]", help="with --group-by: the groups to evaluate")
     parser.add_argument("--task", choices=TASKS, default="semantic", help="what to evaluate (default: semantic)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ./evaluation-SPLIT)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="N",
@@ -92,6 +96,17 @@ def run(args: argparse.Namespace) -> int:
         samples = folder_samples(args.data, args.split)
     except InputError as exc:
         return _usage_error(f"--data: {exc}")
+    if args.groups and not args.group_by:
+        return _usage_error("--groups needs --group-by (how a file's group is read from its name)")
+    if args.group_by:
+        from omniseg.data.groups import compile_group_pattern, group_counts, parse_groups, select_groups
+
+        try:
+            pattern = compile_group_pattern(args.group_by)
+            samples = select_groups(samples, pattern, keep=parse_groups(args.groups))
+        except InputError as exc:
+            return _usage_error(str(exc))
+        print(f"omniseg evaluate: groups {group_counts(samples, pattern)}", file=sys.stderr)
     if args.max_images:
         samples = samples[: args.max_images]
     if args.task != "semantic" and not info.thing_ids:
@@ -155,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
 
     report = evaluator.report()
-    report = {"task": args.task, "model": str(args.model), "data": str(args.data), "split": args.split,
+    report = {"task": args.task, "model": str(args.model), "data": str(args.data), "split": args.split, "groups": args.groups,
               "images": len(samples) - len(errors), "failed": len(errors), "ignore_index": info.ignore_index,
               "reduce_labels": bool(args.reduce_labels), "class_matching": match_note, **report}
     print(evaluator.table(report))

@@ -30,6 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="epochs to train (default 1 when --max-steps is not given)")
     length.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    length.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="train for about this long: the step time is measured over the first 60 steps and "
+                        "the schedule set to the steps that fit (evaluations and checkpoints not counted)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
@@ -60,8 +63,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "default 0: off)")
     parser.add_argument("--thing-classes", default=None,
                         help="comma-separated thing class names or ids for --panoptic (default: the README's)")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--eval-split", default="val")
+    parser.add_argument("--train-split", default="train", help="split(s) to train on, comma-separated (default train)")
+    parser.add_argument("--eval-split", default="val", help="split(s) to evaluate on, comma-separated (default val)")
+    parser.add_argument("--group-by", metavar="REGEX",
+                        help="semantic folders: the group (drive, camera, site) of a file is the first capture "
+                        "group of REGEX in its name, e.g. '^([^_]+)_' for CamVid's drives")
+    parser.add_argument("--holdout-groups", metavar="G[,G]",
+                        help="with --group-by: leave these groups out of training and evaluate on them only "
+                        "(their frames from --eval-split), so the score is on places the run never saw")
+    parser.add_argument("--strong-augment", action="store_true",
+                        help="add gamma, blur, sensor noise and JPEG changes to the colour jitter")
+    parser.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                        help="keep an exponential moving average of the weights (e.g. 0.999) and evaluate and "
+                        "save it instead of the raw weights")
+    parser.add_argument("--class-balance", action="store_true",
+                        help="with --semantic-aux-weight: weigh the per-pixel loss by median-frequency "
+                        "class balancing over the training labels")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.add_argument("--no-progress", action="store_true")
@@ -72,14 +89,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from omniseg.data.augment import ColorJitter, TrainAugmentation
+    from omniseg.data.augment import ColorJitter, PhotometricAugmentation, TrainAugmentation
     from omniseg.data.coco import CocoSegmentationDataset, coco_reader
-    from omniseg.data.dataset import SegmentationDataset, folder_samples
+    from omniseg.data.dataset import SegmentationDataset, folder_samples, pixel_counts
+    from omniseg.data.groups import compile_group_pattern, group_counts, parse_groups, select_groups
     from omniseg.data.semantic import read_dataset_info
     from omniseg.train.distributed import cleanup, init_distributed
     from omniseg.train.setup import load_for_training
+    from omniseg.train.semantic_aux import median_frequency_weights
     from omniseg.train.trainer import Trainer, TrainingArguments
 
+    class_weights = None
     try:
         dist_info = init_distributed(args.device)
         coco = coco_reader(args.data, args.train_split)
@@ -99,7 +119,14 @@ def run(args: argparse.Namespace) -> int:
             crop_size=crop,
             scale_range=tuple(args.scale_range),
             color_jitter=None if args.no_color_jitter else ColorJitter(),
+            photometric=PhotometricAugmentation() if args.strong_augment else None,
         )
+        if (args.group_by or args.holdout_groups) and coco is not None:
+            raise OmnisegError("--group-by / --holdout-groups are for semantic dataset folders")
+        if args.holdout_groups and not args.group_by:
+            raise OmnisegError("--holdout-groups needs --group-by (how a file's group is read from its name)")
+        if args.class_balance and args.semantic_aux_weight <= 0:
+            raise OmnisegError("--class-balance weighs the auxiliary per-pixel loss: give --semantic-aux-weight too")
         if coco is not None:
             # COCO: instance targets from the annotations; PQ at evaluation for Mask2Former.
             train_set = CocoSegmentationDataset(coco, augment=augment, seed=args.seed)
@@ -116,20 +143,37 @@ def run(args: argparse.Namespace) -> int:
                 print("--panoptic: no thing classes (give --thing-classes or list them in the README); "
                       "every class is one segment", file=sys.stderr)
             common = dict(num_labels=len(id2label), ignore_index=info.ignore_index, reduce_labels=args.reduce_labels)
+            train_samples = folder_samples(args.data, args.train_split)
+            eval_samples = folder_samples(args.data, args.eval_split) if args.eval_every else None
+            if args.group_by:
+                pattern = compile_group_pattern(args.group_by)
+                holdout = parse_groups(args.holdout_groups)
+                train_samples = select_groups(train_samples, pattern, drop=holdout)
+                if eval_samples is not None and holdout:
+                    eval_samples = select_groups(eval_samples, pattern, keep=holdout)
+                if dist_info.is_main:
+                    print(f"training groups: {group_counts(train_samples, pattern)}"
+                          + (f"; evaluation groups: {group_counts(eval_samples, pattern)}" if eval_samples else ""),
+                          file=sys.stderr)
+            if args.class_balance:
+                counts = pixel_counts(train_samples, **common)
+                class_weights = median_frequency_weights(counts)
+                if dist_info.is_main:
+                    print("class weights: " + ", ".join(f"{id2label[c]} {w:.2f}" for c, w in enumerate(class_weights)
+                                                       if c in id2label), file=sys.stderr)
             train_set = SegmentationDataset(
-                folder_samples(args.data, args.train_split),
+                train_samples,
                 augment=augment,
                 seed=args.seed,
                 thing_ids=info.thing_ids if args.panoptic else None,
                 **common,
             )
-            eval_set = None
-            if args.eval_every:
-                eval_set = SegmentationDataset(folder_samples(args.data, args.eval_split), **common)
+            eval_set = None if eval_samples is None else SegmentationDataset(eval_samples, **common)
         training_args = TrainingArguments(
             out=args.out,
             max_steps=args.max_steps,
-            epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 1,
+            epochs=args.epochs if args.epochs is not None or args.max_steps is not None or args.time_budget else 1,
+            time_budget=args.time_budget,
             batch_size=args.batch_size,
             grad_accum=args.grad_accum,
             lr=args.lr,
@@ -148,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             stop_at_step=args.stop_at_step,
             progress=not args.no_progress,
             semantic_aux_weight=args.semantic_aux_weight,
+            semantic_aux_class_weights=class_weights,
+            ema_decay=args.ema_decay,
         )
         if reinitialised and dist_info.is_main:
             print(f"new classes from {args.data / 'id2label.json'}: re-initialised {', '.join(reinitialised)}",

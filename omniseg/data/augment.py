@@ -181,9 +181,85 @@ class ColorJitter:
         return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _gaussian_kernel(sigma: float) -> Tensor:
+    radius = max(1, int(3.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(image: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of a float ``[3, H, W]`` image (reflect padding at the borders)."""
+    kernel = _gaussian_kernel(sigma)
+    radius = kernel.numel() // 2
+    x = image[None]
+    if min(image.shape[-2:]) <= radius:
+        return image
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    return x[0]
+
+
+def jpeg_roundtrip(image: Tensor, quality: int) -> Tensor:
+    """Encode a uint8 ``[3, H, W]`` image as JPEG at ``quality`` and decode it (PIL)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return torch.from_numpy(np.asarray(decoded.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclasses.dataclass
+class PhotometricAugmentation:
+    """Camera and light changes beyond colour jitter, each applied with its probability:
+    gamma, Gaussian blur, Gaussian sensor noise, JPEG compression.
+
+    What a model trained on a few drives meets on other streets: other exposure curves,
+    focus, sensor noise and compression. Defaults are moderate (the image stays readable).
+
+    Args:
+        gamma_prob, gamma_range: probability and range of ``x ** gamma`` on [0, 1] pixels.
+        blur_prob, blur_sigma: probability and sigma range (pixels) of a Gaussian blur.
+        noise_prob, noise_std: probability and range of the noise's standard deviation (0-255 units).
+        jpeg_prob, jpeg_quality: probability and quality range of a JPEG round trip.
+    """
+
+    gamma_prob: float = 0.5
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    blur_prob: float = 0.2
+    blur_sigma: tuple[float, float] = (0.3, 1.5)
+    noise_prob: float = 0.2
+    noise_std: tuple[float, float] = (2.0, 8.0)
+    jpeg_prob: float = 0.3
+    jpeg_quality: tuple[int, int] = (30, 90)
+
+    def __call__(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        """``image``: uint8 ``[3, H, W]``; returns uint8 ``[3, H, W]``."""
+        draws = torch.rand(4, generator=generator).tolist()
+        x = image.float() / 255.0
+        if draws[0] < self.gamma_prob:
+            x = x.pow(_uniform(*self.gamma_range, generator))
+        if draws[1] < self.blur_prob:
+            x = gaussian_blur(x, _uniform(*self.blur_sigma, generator))
+        if draws[2] < self.noise_prob:
+            std = _uniform(*self.noise_std, generator) / 255.0
+            x = x + std * torch.randn(x.shape, generator=generator)
+        out = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        if draws[3] < self.jpeg_prob:
+            low, high = self.jpeg_quality
+            out = jpeg_roundtrip(out, int(torch.randint(low, high + 1, (), generator=generator)))
+        return out
+
+
 @dataclasses.dataclass
 class TrainAugmentation:
-    """Random scale → random crop (pad with ignore) → horizontal flip → colour jitter.
+    """Random scale → random crop (pad with ignore) → horizontal flip → colour jitter →
+    photometric changes (gamma, blur, noise, JPEG; off by default).
 
     Args:
         crop_size: ``(height, width)`` of every output; ``None`` keeps the scaled size.
@@ -191,6 +267,7 @@ class TrainAugmentation:
             ``None`` disables scaling.
         flip_prob: probability of a horizontal flip.
         color_jitter: colour jitter, or ``None`` to disable it.
+        photometric: :class:`PhotometricAugmentation`, or ``None`` (the default) for none.
         ignore_index: label written into padded pixels.
         relative_to_crop: scale relative to the crop size (True) or to the image (False).
     """
@@ -199,6 +276,7 @@ class TrainAugmentation:
     scale_range: tuple[float, float] | None = (0.5, 2.0)
     flip_prob: float = 0.5
     color_jitter: ColorJitter | None = dataclasses.field(default_factory=ColorJitter)
+    photometric: PhotometricAugmentation | None = None
     ignore_index: int = 255
     relative_to_crop: bool = False
 
@@ -223,6 +301,8 @@ class TrainAugmentation:
             image, label = random_hflip(image, label, generator, p=self.flip_prob)
         if self.color_jitter is not None:
             image = self.color_jitter(image, generator)
+        if self.photometric is not None:
+            image = self.photometric(image, generator)
         return image.contiguous(), label.contiguous()
 
 
@@ -235,9 +315,12 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 __all__ = [
     "ColorJitter",
+    "PhotometricAugmentation",
     "TrainAugmentation",
     "hsv_to_rgb",
     "pad_pair",
+    "gaussian_blur",
+    "jpeg_roundtrip",
     "random_crop",
     "random_hflip",
     "random_scale",

@@ -228,12 +228,19 @@ class EvalCollator:
 
 def folder_samples(root: str | Path, split: str) -> list[Sample]:
     """The (image, label) pairs of a semantic dataset folder's ``split``:
-    ``images/<split>/*`` with ``labels/<split>/<same stem>.png``.
+    ``images/<split>/*`` with ``labels/<split>/<same stem>.png``. ``split`` may name several
+    splits, comma-separated (``"train,val"``): their samples in that order.
 
     Raises:
-        InputError: the split folder is missing or empty, or an image has no label map.
+        InputError: a split folder is missing or empty, or an image has no label map.
     """
     root = Path(root)
+    names = [name.strip() for name in split.split(",") if name.strip()]
+    if len(names) != 1:
+        if not names:
+            raise InputError(root, f"no split named in {split!r}")
+        return [sample for name in names for sample in folder_samples(root, name)]
+    split = names[0]
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     if not image_dir.is_dir():
         raise InputError(image_dir, f"no images/{split} folder in the dataset")
@@ -247,6 +254,18 @@ def folder_samples(root: str | Path, split: str) -> list[Sample]:
             raise InputError(image, f"no label map {label}")
         samples.append(Sample(image, label))
     return samples
+
+
+def pixel_counts(
+    samples: Sequence[Sample], *, num_labels: int, ignore_index: int = IGNORE, reduce_labels: bool = False
+) -> list[int]:
+    """Labelled pixels per class over the samples' label maps (unaugmented)."""
+    dataset = SegmentationDataset(samples, num_labels=num_labels, ignore_index=ignore_index, reduce_labels=reduce_labels)
+    counts = np.zeros(num_labels, dtype=np.int64)
+    for sample in dataset.samples:
+        label = dataset._labels(read_label_map(sample.label), sample)
+        counts += np.bincount(label[label != IGNORE].numpy(), minlength=num_labels)[:num_labels]
+    return counts.tolist()
 
 
 def read_id2label(root: str | Path) -> dict[int, str]:

@@ -172,12 +172,15 @@ def _semantic_map(
     """
     num_classes = class_probs.shape[1]
     out_height, out_width = size if size is not None else REFERENCE_MASK_SIZE
+    device = mask_logits.device
     if num_classes < 2:  # argmax over one class (NaN or not)
-        return torch.zeros(out_height, out_width, dtype=torch.long)
-    if may_be_nan:  # NaN compares false: no lead can be trusted
-        labels = torch.zeros(out_height, out_width, dtype=torch.long)
-        hard = torch.ones(out_height, out_width, dtype=torch.bool)
-        classes = torch.arange(num_classes)
+        return torch.zeros(out_height, out_width, dtype=torch.long, device=device)
+    # NaN compares false: no lead can be trusted. On an accelerator the reference's
+    # computation is cheap, and the banded pass is written for the CPU's caches.
+    if may_be_nan or device.type != "cpu":
+        labels = torch.zeros(out_height, out_width, dtype=torch.long, device=device)
+        hard = torch.ones(out_height, out_width, dtype=torch.bool, device=device)
+        classes = torch.arange(num_classes, device=device)
     else:
         leader, slack, can_win = _leads(class_probs, mask_logits)  # [384], [384, 384], [bands, C]
         rows = _source_window_starts(REFERENCE_MASK_SIZE[0], out_height, resized=size is not None)
@@ -202,7 +205,7 @@ def _semantic_map(
     # _MIN_SCORED_CLASSES rows are computed (extra classes are scored, never ranked).
     scored = classes
     if len(classes) < min(_MIN_SCORED_CLASSES, num_classes):
-        extra = torch.ones(num_classes, dtype=torch.bool)
+        extra = torch.ones(num_classes, dtype=torch.bool, device=device)
         extra[classes] = False
         padding = extra.nonzero().flatten()[: _MIN_SCORED_CLASSES - len(classes)]
         scored = torch.cat([classes, padding]).sort().values

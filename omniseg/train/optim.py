@@ -88,10 +88,13 @@ def warmup_poly_factor(step: int, *, warmup_steps: int, total_steps: int, power:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, power: float = 1.0
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, power: float = 1.0, steps_done: int = 0
 ) -> LambdaLR:
-    """:class:`LambdaLR` over :func:`warmup_poly_factor`; call ``step()`` after every optimiser step."""
+    """:class:`LambdaLR` over :func:`warmup_poly_factor`; call ``step()`` after every optimiser step.
+    ``steps_done > 0`` replaces a run's schedule after that many steps (the optimiser's
+    groups already hold their ``initial_lr``)."""
     return LambdaLR(
         optimizer,
         lambda step: warmup_poly_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, power=power),
+        last_epoch=steps_done - 1,
     )

@@ -11,6 +11,10 @@ that comes out is the plain architecture that the reference loads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -24,14 +28,33 @@ class SemanticAuxiliaryLoss(nn.Module):
         num_labels: classes of the label maps.
         ignore_index: label of unlabelled pixels.
         weight: factor of the loss in the training objective.
+        class_weights: per-class factors of the cross-entropy (``[num_labels]``), e.g. from
+            :func:`median_frequency_weights`; ``None`` weighs every class alike.
 
     Usage: :meth:`attach` to the model once; after each training forward, :meth:`forward`
     with that batch's label maps returns the weighted loss.
     """
 
-    def __init__(self, *, in_channels: int, num_labels: int, ignore_index: int, weight: float) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_labels: int,
+        ignore_index: int,
+        weight: float,
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.classifier = nn.Conv2d(in_channels, num_labels, kernel_size=1)
+        if class_weights is not None and len(class_weights) != num_labels:
+            raise ValueError(f"class_weights has {len(class_weights)} entries for {num_labels} classes")
+        # A buffer, so it follows .to(device); not persistent: the checkpoint's head does not
+        # depend on it (the command line gives it again on resume).
+        self.register_buffer(
+            "class_weights",
+            None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32),
+            persistent=False,
+        )
         self.ignore_index = ignore_index
         self.weight = weight
         self._features: Tensor | None = None
@@ -68,4 +91,20 @@ class SemanticAuxiliaryLoss(nn.Module):
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         if not bool((labels != self.ignore_index).any()):
             return logits.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) whole
-        return self.weight * F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        return self.weight * F.cross_entropy(
+            logits, labels, weight=self.class_weights, ignore_index=self.ignore_index
+        )
+
+
+def median_frequency_weights(pixel_counts: Sequence[int], *, clip: tuple[float, float] = (0.2, 5.0)) -> list[float]:
+    """Median-frequency balancing (Eigen and Fergus; SegNet's CamVid recipe): class ``c``
+    weighs ``median(f) / f_c``, where ``f_c`` is its share of the labelled pixels, clipped to
+    ``clip`` so that a class with a handful of pixels cannot dominate. A class with no
+    pixels gets the upper clip."""
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    if counts.sum() <= 0:
+        raise ValueError("no labelled pixels")
+    freq = counts / counts.sum()
+    median = float(np.median(freq[freq > 0]))
+    weights = np.where(freq > 0, median / np.maximum(freq, 1e-12), clip[1])
+    return np.clip(weights, *clip).tolist()

@@ -16,6 +16,7 @@ step), ``curves.png`` (loss and metric curves, when matplotlib is installed),
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -47,6 +48,10 @@ from omniseg.train.distributed import (
 )
 from omniseg.train.optim import build_optimizer, build_scheduler
 from omniseg.train.semantic_aux import SemanticAuxiliaryLoss
+
+
+# Provisional length of a time-budgeted run until its step time is measured.
+UNFITTED_STEPS = 10**9
 
 
 class TrainingError(OmnisegError):
@@ -83,15 +88,33 @@ class TrainingArguments:
     # Mask2Former only: weight of the training-only per-pixel semantic loss (0 = off), see
     # omniseg.train.semantic_aux.
     semantic_aux_weight: float = 0.0
+    # Per-class weights of that loss (e.g. median-frequency balancing), ``None`` = equal.
+    semantic_aux_class_weights: list[float] | None = None
+    # Exponential moving average of the weights (e.g. 0.999): evaluated and saved instead of
+    # the raw weights; ``None`` = off.
+    ema_decay: float | None = None
+    # Train for about this many seconds: the step time is measured over the first steps and
+    # the schedule is set to the number of steps that fit (evaluations not counted).
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        if self.time_budget is not None:
+            if self.time_budget <= 0:
+                raise ValueError("time_budget must be positive")
+            if self.max_steps is not None:
+                raise ValueError("give max_steps or time_budget, not both")
+            # Provisional length until the step time is measured; the decay over the
+            # measured steps is then negligible.
+            self.max_steps, self.epochs = UNFITTED_STEPS, None
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give epochs or max_steps")
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.semantic_aux_weight < 0:
             raise ValueError("semantic_aux_weight must be at least 0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be between 0 and 1")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -191,12 +214,17 @@ class Trainer:
                     num_labels=model.config.num_labels,
                     ignore_index=IGNORE,
                     weight=args.semantic_aux_weight,
+                    class_weights=args.semantic_aux_class_weights,
                 ).to(self.device)
             self.semantic_aux.attach(self.model)
             self.optimizer.add_param_group(
                 {"params": list(self.semantic_aux.parameters()), "lr": args.lr, "weight_decay": 0.0,
                  "name": "semantic_aux"}
             )
+        # The averaged weights: a frozen copy that follows the trained ones after each step.
+        self.ema: nn.Module | None = None
+        if args.ema_decay is not None:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sampler = GlobalBatchSampler(
             len(train_dataset),
             batch_size=args.batch_size,
@@ -236,6 +264,7 @@ class Trainer:
         self.best_step: int | None = None
         self.step_lr = 0.0  # learning rate of the last optimiser step (of its head group)
         self.history: list[dict[str, Any]] = []
+        self._clock: dict[int, float] = {}  # step -> time, for the time budget
 
     # ------------------------------------------------------------------ data
 
@@ -300,10 +329,27 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the moving average when kept, else the model."""
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """Move the averaged weights towards the model's. The decay ramps up over the first
+        steps ((1 + step) / (10 + step)), so the random initialisation is forgotten quickly."""
+        if self.ema is None:
+            return
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
+        for averaged, current in zip(self.ema.parameters(), self.model.parameters()):
+            averaged.lerp_(current.detach(), 1.0 - decay)
+        for averaged, current in zip(self.ema.buffers(), self.model.buffers()):
+            averaged.copy_(current)
+
     def save_model(self, directory: Path) -> None:
-        """``save_pretrained`` of the model and processor (rank 0)."""
+        """``save_pretrained`` of the model (its moving average when kept) and processor (rank 0)."""
         if self.dist.is_main:
-            self.model.save_pretrained(directory)
+            self.inference_model.save_pretrained(directory)
             self.processor.save_pretrained(directory)
 
     def _save_state(self) -> None:
@@ -364,6 +410,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "semantic_aux": None if self.semantic_aux is None else self.semantic_aux.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
                 "best_metric": self.best_metric,
                 "best_step": self.best_step,
                 "rng": rng_states,
@@ -386,7 +433,10 @@ class Trainer:
                 f"stopped mid-epoch with {state['world_size']} process(es), batch {state['batch_size']}, "
                 f"accumulation {state['grad_accum']}; resume with the same settings",
             )
-        if state["total_steps"] != self.total_steps and self.dist.is_main:
+        if self.total_steps == UNFITTED_STEPS:
+            # A time-budgeted run goes on with the length it fitted (or fits it, if stopped earlier).
+            self.total_steps = state["total_steps"]
+        elif state["total_steps"] != self.total_steps and self.dist.is_main:
             tqdm.write(
                 f"warning: {path} is from a run of {state['total_steps']} steps, this one has "
                 f"{self.total_steps}: the learning-rate schedule changes from here on"
@@ -398,11 +448,25 @@ class Trainer:
                 "the checkpoint was written " + ("with" if saved_aux is not None else "without")
                 + " the auxiliary semantic loss; resume with the same --semantic-aux-weight setting",
             )
+        saved_ema = state.get("ema")
+        if (saved_ema is None) != (self.ema is None):
+            raise CheckpointError(
+                path,
+                "the checkpoint was written " + ("with" if saved_ema is not None else "without")
+                + " weight averaging; resume with the same --ema-decay setting",
+            )
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved_ema)
         if self.semantic_aux is not None:
             self.semantic_aux.load_state_dict(saved_aux)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.args.time_budget is not None:
+            self.scheduler = build_scheduler(
+                self.optimizer, warmup_steps=self.args.warmup_steps, total_steps=self.total_steps,
+                power=self.args.poly_power, steps_done=self.step,
+            )
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
@@ -426,24 +490,25 @@ class Trainer:
         metric = SemanticSegmentationMetric(num_labels=num_labels, ignore_index=IGNORE)
         things = getattr(self.train_dataset, "thing_ids", None) if self.model_type == "mask2former" else None
         panoptic = PanopticQuality({c: c in things for c in range(num_labels)}) if things is not None else None
-        was_training = self.model.training
+        model = self.inference_model
+        was_training = model.training
         if self.dist.distributed:
             # Each rank's batch-norm running statistics were last updated from its own batch;
             # evaluate (and save) rank 0's model everywhere.
-            for buffer in self.model.buffers():
+            for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        self.model.eval()
+        model.eval()
         for batch in _batches(self._eval_loader()):
             inputs = _to_device(batch["inputs"], self.device)
             with self._autocast():
-                outputs = self.model(**inputs)
+                outputs = model(**inputs)
             sizes = [tuple(label.shape) for label in batch["labels"]]
             predictions = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
             metric.update([p.cpu() for p in predictions], batch["labels"])
             if panoptic is not None:
                 self._update_panoptic(panoptic, outputs, batch["labels"], things, batch.get("instances"))
         metric.all_reduce()
-        self.model.train(was_training)
+        model.train(was_training)
         result = metric.compute()
         if panoptic is not None:
             total = PanopticQuality(panoptic.categories)
@@ -565,7 +630,11 @@ class Trainer:
                         continue
                     self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     self._optimizer_step()
+                    self._update_ema()
                     self.step += 1
+                    if args.time_budget is not None and self._fit_time_budget():
+                        stop = min(self.total_steps, args.stop_at_step or self.total_steps)
+                        progress.total = self.total_steps
                     last_loss = sum(micro_losses) / len(micro_losses)
                     window.append(last_loss)
                     micro_losses = []
@@ -590,6 +659,33 @@ class Trainer:
         self.plot_curves()
         barrier()
         return {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step, "last_loss": last_loss}
+
+    # Steps between which the step time is measured for a time budget (the first ones pay for
+    # warm-up: worker start, allocator, CUDA kernels).
+    _BUDGET_CLOCK = (10, 60)
+
+    def _fit_time_budget(self) -> bool:
+        """At the second clock step, set ``total_steps`` to what fits in the time budget and the
+        schedule to match; ``True`` when it changed. A resumed run keeps its length."""
+        first, last = self._BUDGET_CLOCK
+        if self.total_steps != UNFITTED_STEPS:
+            return False
+        if self.step in (1, first):
+            self._clock[self.step] = time.perf_counter()
+        if self.step != last or first not in self._clock:
+            return False
+        now = time.perf_counter()
+        per_step = (now - self._clock[first]) / (last - first)
+        remaining = self.args.time_budget - (now - self._clock[1])
+        self.total_steps = max(last + 1, last + int(remaining / per_step))
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup_steps=self.args.warmup_steps, total_steps=self.total_steps,
+            power=self.args.poly_power, steps_done=self.step,
+        )
+        if self.dist.is_main:
+            tqdm.write(f"time budget {self.args.time_budget:.0f} s at {per_step:.3f} s per step: "
+                       f"{self.total_steps} steps")
+        return True
 
     def _after_step(self, window: list[float], window_start: float, window_samples: int, checkpoint_every: int, stop: int) -> None:
         """Logging, evaluation, best-model saving and checkpointing after an optimiser step."""
