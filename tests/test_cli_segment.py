@@ -175,11 +175,32 @@ def test_all_good_exits_zero_without_a_terminal(model_dir, tmp_path):
     assert "3 segmented, 0 already done, 0 failed" in proc.stderr
     assert not (out / "errors.jsonl").exists()
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["elsewhere/one.json", "good/one.json", "good/two.json"]
-    document = json.loads((out / "good" / "two.json").read_text())
+    # The folder's images at OUT's top (its inner layout), the file directly in OUT; the two
+    # one.png use their full names, the later one numbered.
+    assert written == ["one.png-2.json", "one.png.json", "two.json"]
+    assert json.loads((out / "one.png-2.json").read_text())["image"] == str(explicit)
+    document = json.loads((out / "two.json").read_text())
     assert document["task"] == "semantic" and document["label_map"] is None
     assert all(s["score"] is None for s in document["segments"])
     assert sum(s["area"] for s in document["segments"]) == 72 * 56  # semantic covers all
+
+
+def test_files_by_path_write_into_out_and_the_progress_bar_counts_failures(model_dir, tmp_path, capsys, monkeypatch):
+    """Files named by absolute and relative paths from another working folder: outputs go
+    directly into OUT (not OUT/abs/dir/...); the bar's last counts are the summary's."""
+    deep = tmp_path / "some" / "deep" / "dir"
+    deep.mkdir(parents=True)
+    _picture(8).save(deep / "a.png")
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "broken.png").write_text("not a PNG")
+    monkeypatch.chdir(tmp_path)
+    out = Path("out")
+    assert _segment(deep / "a.png", "rel/broken.png", "--out", out, "--model", model_dir, "--task", "semantic") == 1
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["a.json", "a_labels.png", "a_overlay.png", "errors.jsonl"]
+    stderr = capsys.readouterr().err
+    assert "1 segmented, 0 already done, 1 failed" in stderr
+    assert stderr.rsplit("failed=", 1)[1].startswith("1"), stderr
 
 
 def test_same_stem_in_one_folder_and_output_inside_input(model_dir, tmp_path):

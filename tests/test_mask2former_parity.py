@@ -234,3 +234,73 @@ def test_trains(reference_dirs):
         if not name.startswith("model.pixel_level_module.encoder."):
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.pixel_level_module.encoder.parameters())
+
+
+@pytest.fixture(params=["numba", "torch"])
+def sampling_path(request, monkeypatch):
+    """Run the deformable-attention sampling on the numba kernel and on the PyTorch path."""
+    from omniseg.ops import _numba
+
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(_numba, "numba", None)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def confident_swin_model(tmp_path_factory) -> Path:
+    """A COCO-panoptic-shaped model, scaled down (Swin embed 32, depths 2-2-6-2, window 7;
+    133 labels, 100 queries, 10 decoder and 6 encoder layers, hidden 64, 8 heads) whose class
+    predictor and query features are scaled up so that its heads are confident, and whose
+    processor resizes to 256-512 like the COCO checkpoints' proportions."""
+    directory = build_reference_mask2former(
+        tmp_path_factory.mktemp("confident") / "model", depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), window_size=7,
+        embed_dim=32, num_queries=100, num_labels=133, decoder_layers=10, encoder_layers=6, hidden_dim=64,
+        num_attention_heads=8, shortest_edge=256, longest_edge=512, perturb=0.02,
+    )
+    model = ReferenceMask2Former.from_pretrained(directory)
+    with torch.no_grad():
+        model.class_predictor.weight.mul_(20)
+        model.model.transformer_module.queries_features.weight.mul_(5)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_mixed_size_batch_matches_reference(confident_swin_model, street_photo, sampling_path):
+    """A batch of two photos of other sizes and aspects (the smaller one padded by most of
+    its area): the documented ``model(**processor(images))`` gives the reference's logits.
+    The padding is a near-constant region, where PyTorch's channels-last group norm lost
+    precision (5e-6 in the pixel decoder, 7e-4 in the logits once masked attention flipped)."""
+    from omniseg.models.auto import load_processor
+
+    ours = load_model(confident_swin_model)
+    reference = ReferenceMask2Former.from_pretrained(confident_swin_model).eval()
+    inputs = load_processor(confident_swin_model)([street_photo.resize((320, 240)), street_photo.resize((201, 333))])
+    assert not inputs["pixel_mask"].bool().all()
+    with torch.inference_mode():
+        ours_out = ours(**inputs)
+        ref_out = reference(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+    assert ref_out.class_queries_logits.softmax(-1).amax(-1).mean() > 0.5  # confident heads
+    assert relative_error(ours_out.class_queries_logits, ref_out.class_queries_logits) < TOLERANCE
+    assert relative_error(ours_out.masks_queries_logits, ref_out.masks_queries_logits) < TOLERANCE
+
+
+def test_group_norm_is_exact_on_channels_last_maps():
+    from omniseg.models.mask2former.pixel_decoder import GroupNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 12, 10) * 0.5 + 3.0
+    x[0, :, 6:] = 3.0 + 0.01 * torch.randn(64, 6, 10)  # near-constant, far from zero
+    norm = GroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    expected = torch.nn.functional.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = norm(x.contiguous(memory_format=layout))
+        assert relative_error(got.double(), expected) < 1e-6, layout
+    assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    norm(x.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+    assert torch.isfinite(x.grad).all()

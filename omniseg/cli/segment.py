@@ -33,14 +33,16 @@ TASKS = ("auto", "semantic", "instance", "panoptic")
 
 DESCRIPTION = "Segment images (files or whole folders) and write the results per image."
 EPILOG = f"""\
-outputs, per input image (folders mirrored under OUT, relative to the inputs' deepest
-common folder, so equal names in different folders never collide):
+outputs, per input image: a file given by path writes straight into OUT (OUT/STEM.json);
+a folder's images keep their layout inside that folder (DIR/sub/a.png -> OUT/sub/a.json):
   STEM.json          image path, size, task, model, and per segment: id, label_id, label,
                      score (null for semantic), area, bbox [x, y, w, h], COCO RLE mask
   STEM_labels.png    class id per pixel; 8-bit if all class ids < 255, else 16-bit;
                      pixels no segment covers are 255 (8-bit) or 65535 (16-bit)
   STEM_overlay.png   the image with the segments blended in, outlined, and a legend
-  Two inputs of one folder with the same stem (a.jpg, a.png) use the full name (a.jpg.json).
+  Name clashes (a.jpg and a.png, or x/a.png and y/a.png given as files): each of the
+  inputs uses its full name (a.jpg.json, a.png.json); where that is taken too, the later
+  input in argument order adds a number (a.png-2.json).
 
 --format (comma-separated, default png,json):
   png    label map and overlay          json   the per-image JSON
@@ -143,7 +145,13 @@ def run(args: argparse.Namespace) -> int:
         # Without a terminal (logs, CI) redraws become lines: keep them rare.
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
     )
+    progress.set_postfix(failed=0, skipped=skipped, refresh=False)
     progress.update(skipped)
+
+    def advance() -> None:
+        """One more image handled: the counts shown are always those of the final summary."""
+        progress.set_postfix(failed=len(errors), skipped=skipped, refresh=False)
+        progress.update(1)
 
     def fail(item: _Item, exc: BaseException) -> None:
         reason = exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)
@@ -161,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     loaded.append((item, load_image(item.path)))
                 except InputError as exc:
                     fail(item, exc)
-                    progress.update(1)
+                    advance()
             for (item, image), segments in _segment(seg, loaded, call_options, fail):
                 if segments is not None:
                     try:
@@ -171,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
                         )
                     except (OSError, ValueError) as exc:
                         fail(item, exc)
-                progress.update(1)
-                progress.set_postfix(failed=len(errors), skipped=skipped, refresh=False)
+                advance()
     finally:
         progress.close()
 
@@ -231,10 +238,17 @@ def _segment(seg, loaded: list, options: dict[str, Any], fail):
 
 
 def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
-    """Input files in order, each with its output stem under ``out``."""
+    """Input files in order, each with its output stem under ``out``.
+
+    A file argument's outputs go directly into ``out`` (``out/STEM``); a folder argument's
+    files keep their layout inside that folder (``out/sub/dir/STEM``). When two inputs would
+    share an output stem (``a.jpg`` and ``a.png``, or ``x/a.png`` and ``y/a.png`` given as
+    files), each of them uses its full file name instead (``a.jpg.json``, ``a.png.json``), and
+    a later one in argument order whose full name is taken too adds a number (``a.png-2.json``).
+    """
     out_abs = Path(os.path.abspath(out))
     output_suffixes = tuple(s for s in IMAGE_OUTPUTS.values() if s.endswith(".png"))
-    found: list[tuple[Path, Path]] = []  # (file, the folder its output path is relative to)
+    found: list[tuple[Path, Path]] = []  # (file, its path relative to OUT)
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
@@ -242,30 +256,29 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
                 # Never take our own pictures for inputs when OUT lies inside a walked folder.
                 if Path(os.path.abspath(file)).is_relative_to(out_abs) and file.name.endswith(output_suffixes):
                     continue
-                found.append((file, path))
+                found.append((file, file.relative_to(path)))
         else:
-            found.append((path, path.parent))
+            found.append((path, Path(path.name)))
 
     unique: dict[Path, tuple[Path, Path]] = {}
-    for file, root in found:
-        unique.setdefault(Path(os.path.abspath(file)), (file, root))
-    if not unique:
-        return []
-    common = Path(os.path.commonpath([os.path.abspath(root) for _, root in unique.values()]))
-    relative = {key: key.relative_to(common) for key in unique}
+    for file, rel in found:
+        unique.setdefault(Path(os.path.abspath(file)), (file, rel))
+    planned = list(unique.values())
 
-    # Equal stems in one folder (a.jpg, a.png), or a name clashing with OUT's own files,
-    # fall back to the full file name as the stem.
-    stems: dict[Path, list[Path]] = {}
-    for key, rel in relative.items():
-        stems.setdefault(rel.with_suffix(""), []).append(key)
-    reserved = {Path(Path(COCO_FILE).stem)}
+    reserved = {Path(Path(COCO_FILE).stem)}  # OUT's own files
+    claims: dict[Path, int] = {}
+    for _, rel in planned:
+        claims[rel.with_suffix("")] = claims.get(rel.with_suffix(""), 0) + 1
+    taken = set(reserved)
     items = []
-    for key, (file, _) in unique.items():
-        rel = relative[key]
+    for file, rel in planned:
         stem = rel.with_suffix("")
-        if len(stems[stem]) > 1 or stem in reserved:
-            stem = rel
+        if claims[stem] > 1 or stem in reserved:
+            stem, number = rel, 2
+            while stem in taken or (stem != rel and stem in claims):
+                stem = rel.with_name(f"{rel.name}-{number}")
+                number += 1
+        taken.add(stem)
         items.append(_Item(path=file, stem=out / stem))
     return items
 
