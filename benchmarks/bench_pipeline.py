@@ -206,7 +206,7 @@ def main() -> int:
             for k in ("class_queries_logits", "masks_queries_logits")
         )
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-        print("numba kernels (the fast extra):", "yes" if kernels_apply() else "no, PyTorch paths")
+        print("numba kernels:", "yes" if kernels_apply() else "no, PyTorch paths")
         print(f"model: {'random Swin-T COCO-panoptic architecture' if args.model is None else args.model}")
         print(f"photo 640x480, panoptic threshold {args.threshold}: {len(a)} segments (reference {len(b)})")
         print(f"- pipeline answers: labels identical {labels_same}, pixels with the same label {pixels_same:.6f}")

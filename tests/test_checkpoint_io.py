@@ -158,3 +158,21 @@ def test_local_paths_that_do_not_exist_are_not_sent_to_the_hub(tmp_path: Path) -
     with pytest.raises(ModelNotFoundError, match="must be a directory"):
         (tmp_path / "file.txt").write_text("x")
         resolve_model_dir(tmp_path / "file.txt")
+
+
+def test_the_default_install_has_the_fast_kernels():
+    """numba is a runtime dependency (the README's main command installs the fast path), and
+    the installed omniseg's metadata says so; the PyTorch fallbacks are tested separately
+    (the kernel tests run both paths)."""
+    import re
+    import tomllib
+    from importlib import metadata
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"numba\b", requirement) for requirement in project["dependencies"])
+    assert "fast" not in project.get("optional-dependencies", {})
+    installed = [r for r in metadata.requires("omniseg") or [] if re.match(r"numba\b", r)]
+    assert installed and "extra ==" not in installed[0], installed
+    from omniseg.ops._numba import kernels_apply
+
+    assert kernels_apply()  # numba imported on this machine
