@@ -152,12 +152,15 @@ def test_page_segments_an_uploaded_street_photo(server, page, street_photo_path,
     page.mouse.move(5, 5)
     assert _overlay_pixels(page) == plain
 
-    # Click: the segment is hidden, and shown again by a second click.
+    # Click: the segment is hidden at once, and shown again by a second click.
     row.click()
     assert "off" in row.get_attribute("class")
+    assert _overlay_pixels(page) != highlighted
     page.mouse.move(5, 5)
     assert _overlay_pixels(page) != plain
     row.click()
+    assert "off" not in row.get_attribute("class")
+    assert _overlay_pixels(page) == highlighted
     page.mouse.move(5, 5)
     assert _overlay_pixels(page) == plain
 
