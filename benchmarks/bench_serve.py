@@ -2,7 +2,7 @@
 
 Starts ``omniseg serve`` as a subprocess on a free 127.0.0.1 port (the bundled model unless
 ``--model``), then each client thread posts CamVid val frames (multipart, ``format=json``)
-back to back over one keep-alive connection until ``--seconds`` have passed or
+back to back over one keep-alive connection (after a 503, waiting its Retry-After) until ``--seconds`` have passed or
 ``--max-requests`` were sent. Prints requests/s, latency p50/p95/max, errors (any answer
 but 200 or 503), busy answers (503, by design when clients outnumber workers + queue), and
 the server's peak RSS (VmHWM, loading included) and its RSS before the load.
@@ -94,14 +94,17 @@ def client(port: int, bodies: list[tuple[bytes, str]], stop_at: float, budget: l
             response = connection.getresponse()
             response.read()
             status = response.status
+            retry_after = float(response.getheader("retry-after", "0")) if status == 503 else 0.0
             if response.getheader("connection", "").lower() == "close":
                 connection.close()
         except OSError:
             status = 0  # connection failure: an error
             connection.close()
+            retry_after = 0.0
         elapsed = time.perf_counter() - start
         with lock:
             results.append((status, elapsed))
+        time.sleep(retry_after)  # a busy answer asks the client to come back later
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -163,7 +166,7 @@ def main() -> None:
           f"task {args.task}; {args.workers} worker(s), queue {args.queue_size}, {args.threads} torch threads; "
           f"{args.clients} clients for {elapsed:.1f} s; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores; slots in use after the run: {health['in_use']}")
-    print("| clients | workers | requests | req/s | p50 (s) | p95 (s) | max (s) | errors | 503 busy | "
+    print("| clients | workers | requests | req/s (200) | p50 (s) | p95 (s) | max (s) | errors | 503 busy | "
           "RSS before load (MB) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.clients} | {args.workers} | {len(results)} | {len(ok) / elapsed:.2f} | "
