@@ -257,7 +257,10 @@ def test_decompression_bomb_refused_within_a_memory_bound(client):
     bomb = _png_bomb(8165, 8165)
     assert len(bomb) < 1_000_000
     before = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
+    except OSError as exc:
+        pytest.skip(f"cannot reset the peak RSS through /proc/self/clear_refs: {exc}")
     answer = _post(client, bomb, "bomb.png")
     growth_mib = (_rss_kib("VmHWM") - before) / 1024
     assert answer.status_code == 400 and answer.json()["error"] == "ImageTooLargeError"
