@@ -3,6 +3,7 @@ a concurrent burst, the busy answer, and a decompression bomb against a memory b
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -26,6 +27,7 @@ import omniseg.serve.app  # noqa: E402
 from omniseg.cli.main import main  # noqa: E402
 from omniseg.io.results import decode_rle  # noqa: E402
 from omniseg.serve import ModelRegistry, create_app  # noqa: E402
+from omniseg.serve.pool import InferencePool  # noqa: E402
 from omniseg.serve.registry import ServedModel  # noqa: E402
 
 MAX_PIXELS = 4_000_000
@@ -329,3 +331,39 @@ def test_serve_command_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--port", "70000"])
     assert "between 1 and 65535" in capsys.readouterr().err
+
+
+def test_a_request_cancelled_mid_job_keeps_its_slot_until_the_job_ends():
+    """A client that leaves does not free its slot while its job still runs: otherwise
+    jobs could pile up on the pool beyond workers + queue."""
+    pool = InferencePool(workers=1, queue_size=0)
+    started, release = threading.Event(), threading.Event()
+
+    def job():
+        started.set()
+        release.wait(30)
+
+    async def scenario():
+        async def request():
+            async with pool.slot() as slot:
+                await slot.run(job)
+
+        task = asyncio.create_task(request())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.in_use == 1  # still taken: the job runs on
+        release.set()
+        for _ in range(500):
+            if pool.in_use == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.in_use == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        pool.shutdown()
