@@ -367,3 +367,18 @@ def test_a_request_cancelled_mid_job_keeps_its_slot_until_the_job_ends():
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_a_semantic_only_model_refuses_other_tasks(tmp_path, photos):
+    from test_segformer_parity import TINY_SEGFORMER_CONFIGS, build_reference_segformer
+
+    name = sorted(TINY_SEGFORMER_CONFIGS)[0]
+    directory = build_reference_segformer(tmp_path / "segformer", **TINY_SEGFORMER_CONFIGS[name])
+    app = create_app(ModelRegistry.load([str(directory)], max_pixels=MAX_PIXELS))
+    with TestClient(app) as client:
+        assert client.get("/v1/models").json()["models"][0]["tasks"] == ["semantic"]
+        refused = _post(client, photos[0][1], task="panoptic")
+        assert refused.status_code == 400 and refused.json()["error"] == "BadParameterError"
+        assert "'panoptic' is not supported" in refused.json()["message"]
+        auto = _post(client, photos[0][1])
+        assert auto.status_code == 200 and auto.json()["task"] == "semantic"
