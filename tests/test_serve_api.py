@@ -199,7 +199,7 @@ BAD_REQUESTS = {
     "other content type": (dict(content=b"abc", headers={"content-type": "text/plain"}), 415,
                            "UnsupportedMediaTypeError", "text/plain"),
     "declared too large": (dict(content=b"x" * 1_500_000, headers={"content-type": "application/json"}),
-                           413, "PayloadTooLargeError", "exceeds the limit"),
+                           413, "PayloadTooLargeError", "(images up to 1000000 bytes, 0.953674 MiB)"),
     "streamed too large": (dict(content=iter([b"x" * 200_000] * 8), headers={"content-type": "application/json"}),
                            413, "PayloadTooLargeError", "exceeds the limit"),
     "image too large in JSON": (dict(json={"image": base64.b64encode(b"\0" * 1_000_001).decode()}),

@@ -135,7 +135,11 @@ def create_app(
     app = FastAPI(title="omniseg", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
     app.state.registry = registry
     app.state.pool = pool
-    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes * 4 // 3 + _FRAMING_BYTES)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=max_upload_bytes * 4 // 3 + _FRAMING_BYTES,
+        note=f" (images up to {max_upload_bytes} bytes, {max_upload_bytes / 2**20:g} MiB)",
+    )
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -18,9 +18,11 @@ class BodySizeLimit:
     answers 413. Either way no more than ``max_bytes`` (plus one chunk) is ever held.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, note: str = "") -> None:
+        """``note`` is appended to the 413 message (what the limit means to the client)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.note = note
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,7 +30,9 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_413(send, f"request body of {declared} bytes exceeds the limit of {self.max_bytes} bytes")
+            await _send_413(
+                send, f"request body of {declared} bytes exceeds the limit of {self.max_bytes} bytes{self.note}"
+            )
             return
         received = 0
 
@@ -38,7 +42,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLargeError(f"request body exceeds the limit of {self.max_bytes} bytes")
+                    raise PayloadTooLargeError(f"request body exceeds the limit of {self.max_bytes} bytes{self.note}")
             return message
 
         await self.app(scope, limited_receive, send)
