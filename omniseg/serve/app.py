@@ -133,8 +133,6 @@ def create_app(
         pool.shutdown()
 
     app = FastAPI(title="omniseg", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
-    app.state.registry = registry
-    app.state.pool = pool
     app.add_middleware(
         BodySizeLimit,
         max_bytes=max_upload_bytes * 4 // 3 + _FRAMING_BYTES,
