@@ -11,6 +11,7 @@ COMMANDS = {
     "segment": "omniseg.cli.segment",
     "evaluate": "omniseg.cli.evaluate",
     "train": "omniseg.cli.train",
+    "serve": "omniseg.cli.serve",
 }
 
 

@@ -93,6 +93,22 @@ def load_image(
     )
 
 
+def load_image_bytes(
+    data: bytes, *, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode an encoded image held in memory (an upload, say) as :func:`load_image` does a file.
+
+    Args:
+        data: the file's bytes (PNG, JPEG, ... anything Pillow reads).
+        name: how errors name the input (the uploaded file's name, for example).
+        max_pixels: as for :func:`load_image`; checked on the header, before decoding.
+
+    Raises:
+        ImageReadError, ImageTooLargeError, UnsupportedImageError: as :func:`load_image`.
+    """
+    return _open_bytes(data, name, max_pixels)
+
+
 def iter_image_files(
     paths_or_dirs: Iterable[str | os.PathLike], recursive: bool = True
 ) -> list[Path]:
@@ -151,7 +167,7 @@ def _open_path(path: Path, max_pixels: int | None) -> Image.Image:
 
 def _open_bytes(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     if not data:
-        raise ImageReadError(name, "empty response (0 bytes)")
+        raise ImageReadError(name, "no data (0 bytes)")
     return _open_stream(io.BytesIO(data), name, max_pixels)
 
 

@@ -1,0 +1,119 @@
+"""``omniseg serve``: the web service and page, on loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omniseg.errors import ModelNotFoundError, OmnisegError
+
+DESCRIPTION = "Serve an HTTP API (POST /v1/segment, GET /v1/models, GET /healthz) and a page at /."
+EPILOG = """\
+Each --model is loaded once and shared by all requests; a request picks one by name (the
+string given here; 'default' for the bundled model when no --model is given), else the
+first. Inference runs on --workers threads; up to --queue-size more requests wait, and
+further ones are answered 503 at once. The API is described at /docs once running.
+Binds to 127.0.0.1 unless --host says otherwise (0.0.0.0 exposes it to the network).
+
+exit status: 0 stopped cleanly, 2 usage error (bad arguments, a model cannot be loaded,
+the serve extra is missing).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from omniseg.cli.segment import _device, _positive_int
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the web service and page",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", action="append", default=[], metavar="M",
+                        help="model directory or hub id; repeat to serve several "
+                             "(default: the bundled model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--max-upload-mb", type=_positive_float, default=20.0, metavar="MB",
+                        help="largest accepted image file, in MiB (default: 20)")
+    parser.add_argument("--max-megapixels", type=_positive_float, default=40.0, metavar="MP",
+                        help="largest accepted image, in millions of pixels, checked before "
+                             "decoding (default: 40)")
+    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                        help="inference threads (default: 1)")
+    parser.add_argument("--queue-size", type=_non_negative_int, default=8, metavar="N",
+                        help="requests that may wait for a worker before 503 (default: 8)")
+    parser.add_argument("--device", type=_device, default="cpu", metavar="{cpu,cuda}",
+                        help="where the models run: cpu, cuda or cuda:N (default: cpu)")
+    parser.set_defaults(_serve_parser=parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from omniseg.serve import ModelRegistry, create_app
+    except ImportError as exc:
+        return _usage_error(args, f"the serve extra is not installed ({exc.name} missing): "
+                                  "pip install 'omniseg[serve]'")
+    try:
+        registry = ModelRegistry.load(
+            args.model, device=args.device, max_pixels=round(args.max_megapixels * 1_000_000)
+        )
+    except ModelNotFoundError as exc:
+        return _usage_error(args, f"--model: {exc}")
+    except (OmnisegError, OSError, ValueError) as exc:
+        return _usage_error(args, f"cannot load the model: {exc}")
+    app = create_app(
+        registry,
+        workers=args.workers,
+        queue_size=args.queue_size,
+        max_upload_bytes=round(args.max_upload_mb * 1024 * 1024),
+    )
+    names = ", ".join(model.name for model in registry)
+    print(f"omniseg serve: models {names}; http://{_url_host(args.host)}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    parser = args._serve_parser
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
