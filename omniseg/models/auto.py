@@ -22,6 +22,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
         "omniseg.processing.mask2former",
         "Mask2FormerImageProcessor",
     ),
+    "maskformer": (
+        "omniseg.models.maskformer",
+        "MaskFormerForInstanceSegmentation",
+        "omniseg.processing.maskformer",
+        "MaskFormerImageProcessor",
+    ),
     "segformer": (
         "omniseg.models.segformer",
         "SegformerForSemanticSegmentation",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -75,6 +75,8 @@ class Mask2FormerImageProcessor(ImageProcessor):
     """
 
     processor_type = "Mask2FormerImageProcessor"
+    # Post-processing first brings mask logits to this size (None: keeps the model's).
+    mask_size: ClassVar[mask_classification.MaskSize] = mask_classification.REFERENCE_MASK_SIZE
 
     do_resize: bool = True
     size: dict[str, int] = dataclasses.field(default_factory=_default_size)
@@ -234,7 +236,9 @@ class Mask2FormerImageProcessor(ImageProcessor):
         self, outputs: Any, target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """See :func:`omniseg.processing.mask_classification.post_process_semantic_segmentation`."""
-        return mask_classification.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        return mask_classification.post_process_semantic_segmentation(
+            outputs, target_sizes=target_sizes, mask_size=self.mask_size
+        )
 
     def post_process_instance_segmentation(
         self,
@@ -255,6 +259,7 @@ class Mask2FormerImageProcessor(ImageProcessor):
             target_sizes=target_sizes,
             return_coco_annotation=return_coco_annotation,
             return_binary_maps=return_binary_maps,
+            mask_size=self.mask_size,
         )
 
     def post_process_panoptic_segmentation(
@@ -274,6 +279,7 @@ class Mask2FormerImageProcessor(ImageProcessor):
             overlap_mask_area_threshold=overlap_mask_area_threshold,
             label_ids_to_fuse=label_ids_to_fuse,
             target_sizes=target_sizes,
+            mask_size=self.mask_size,
         )
 
 

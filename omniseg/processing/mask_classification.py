@@ -1,10 +1,11 @@
-"""Post-processing of mask-classification models (Mask2Former, MaskFormer-style heads).
+"""Post-processing of mask-classification models (Mask2Former, MaskFormer).
 
 The model gives, per image, ``Q`` queries each with class logits ``[Q, C + 1]`` (the last class
 is "no object") and mask logits ``[Q, h, w]``. These functions turn them into semantic,
 instance and panoptic results with the reference implementation's exact semantics: masks are
-first brought to 384x384 (bilinear), then to the requested size; segment order, ids, fusing and
-the returned structures are the same.
+first brought to ``mask_size`` (bilinear; Mask2Former's reference uses 384x384, MaskFormer's
+keeps the model's own ``h x w``: ``mask_size=None``), then to the requested size; segment
+order, ids, fusing and the returned structures are the same.
 
 Heavy work is vectorised: only queries that can pass the thresholds are upsampled, areas and
 overlap ratios are computed for all segments at once, and the maps are painted in one pass.
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 from omniseg.ops import bilinear, scored_argmax
 from omniseg.ops.linear import linear
 
-# The reference scales mask logits to this size before anything else, whatever the model input size.
+# The Mask2Former reference scales mask logits to this size before anything else, whatever the
+# model input size (MaskFormer's does not: ``mask_size=None``).
 REFERENCE_MASK_SIZE = (384, 384)
+
+MaskSize = tuple[int, int] | None
 
 
 def _logits(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +52,20 @@ def _check_target_sizes(target_sizes: Sequence[Any] | torch.Tensor | None, batch
         )
 
 
-def _to_reference_size(mask_logits: torch.Tensor) -> torch.Tensor:
-    """``[..., Q, h, w]`` mask logits to 384x384 (bilinear, ``align_corners=False``)."""
+def _grid_size(mask_logits: torch.Tensor, mask_size: MaskSize) -> tuple[int, int]:
+    """The size ``[..., h, w]`` mask logits are brought to first: ``mask_size``, or ``(h, w)``."""
+    if mask_size is None:
+        return int(mask_logits.shape[-2]), int(mask_logits.shape[-1])
+    return int(mask_size[0]), int(mask_size[1])
+
+
+def _to_mask_size(mask_logits: torch.Tensor, mask_size: MaskSize) -> torch.Tensor:
+    """``[..., Q, h, w]`` mask logits at ``mask_size`` (bilinear, ``align_corners=False``), or
+    a copy at their own size for ``None``: always a new tensor, which callers change in place."""
+    if mask_size is None:
+        return mask_logits.clone()
     maps = mask_logits.reshape(-1, *mask_logits.shape[-2:])
-    return bilinear.resize(maps, REFERENCE_MASK_SIZE).view(*mask_logits.shape[:-2], *REFERENCE_MASK_SIZE)
+    return bilinear.resize(maps, tuple(mask_size)).view(*mask_logits.shape[:-2], *mask_size)
 
 
 # --------------------------------------------------------------------------- RLE
@@ -94,18 +108,22 @@ def convert_segmentation_to_rle(segmentation: torch.Tensor) -> list[list[int]]:
 
 
 def post_process_semantic_segmentation(
-    outputs: Any, target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None
+    outputs: Any,
+    target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    *,
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
 ) -> list[torch.Tensor]:
     """Per-pixel class ids from query classes and masks.
 
     Args:
         outputs: object with ``class_queries_logits [B, Q, C+1]`` and
             ``masks_queries_logits [B, Q, h, w]``.
-        target_sizes: one ``(height, width)`` per image; default 384x384.
+        target_sizes: one ``(height, width)`` per image; default ``mask_size``.
+        mask_size: the size masks are resized to first (None: their own).
 
     Returns:
         ``B`` int64 tensors ``[height, width]`` of class ids: argmax over classes of
-        ``sum_q softmax(class)[q, c] * sigmoid(mask)[q]`` (masks at 384x384, the class maps
+        ``sum_q softmax(class)[q, c] * sigmoid(mask)[q]`` (masks at ``mask_size``, the class maps
         then resized bilinearly to the target, as the reference does); see :func:`_semantic_map`.
     """
     class_logits, mask_logits = _logits(outputs)
@@ -115,7 +133,9 @@ def post_process_semantic_segmentation(
     # Finite logits give finite scores, and resizing finite maps cannot make NaN.
     may_be_nan = not _all_finite(class_logits, mask_logits)
     return [
-        _semantic_map(class_probs[i], mask_logits[i], _target_size(target_sizes, i), may_be_nan=may_be_nan)
+        _semantic_map(
+            class_probs[i], mask_logits[i], _target_size(target_sizes, i), may_be_nan=may_be_nan, mask_size=mask_size
+        )
         for i in range(batch_size)
     ]
 
@@ -146,19 +166,25 @@ _BOUND_SLACK = 1e-4
 
 
 def _semantic_map(
-    class_probs: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int] | None, *, may_be_nan: bool
+    class_probs: torch.Tensor,
+    mask_logits: torch.Tensor,
+    size: tuple[int, int] | None,
+    *,
+    may_be_nan: bool,
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
 ) -> torch.Tensor:
     """Semantic map of one image, identical to the reference's.
 
     Args:
         class_probs: ``[Q, C]`` class probabilities (without "no object").
         mask_logits: ``[Q, h, w]`` mask logits.
-        size: target ``(height, width)``, or None for 384x384 (no resize).
+        size: target ``(height, width)``, or None for the mask size (no resize).
         may_be_nan: whether the scores can hold NaN.
+        mask_size: the size masks are resized to first (None: their own).
 
     Returns:
-        ``[height, width]`` long: ``argmax_c resize(scores)[c]`` with ``scores [C, 384, 384]
-        = einsum("qc, qhw -> chw", class_probs, sigmoid(to_384(mask_logits)))``.
+        ``[height, width]`` long: ``argmax_c resize(scores)[c]`` with ``scores [C, *mask_size]
+        = einsum("qc, qhw -> chw", class_probs, sigmoid(resize(mask_logits, mask_size)))``.
 
     The reference resizes all ``C`` class maps to the target (133 maps of 480x640 are 41M
     interpolated values, from 78 MB of scores, whose fresh pages alone cost much) to take
@@ -168,16 +194,18 @@ def _semantic_map(
     per source pixel only the band's leading class and its lead. Output pixels whose source
     window has one leader with a clear lead everywhere get it directly; if any are left
     (where classes meet or nearly tie), they are taken from the reference's computation,
-    resizing only the class maps that can win there.
+    resizing only the class maps that can win there. The bands are laid out for the 384x384
+    grid; at other mask sizes (MaskFormer) every pixel takes the reference's computation.
     """
     num_classes = class_probs.shape[1]
-    out_height, out_width = size if size is not None else REFERENCE_MASK_SIZE
+    grid = _grid_size(mask_logits, mask_size)
+    out_height, out_width = size if size is not None else grid
     device = mask_logits.device
     if num_classes < 2:  # argmax over one class (NaN or not)
         return torch.zeros(out_height, out_width, dtype=torch.long, device=device)
     # NaN compares false: no lead can be trusted. On an accelerator the reference's
     # computation is cheap, and the banded pass is written for the CPU's caches.
-    if may_be_nan or device.type != "cpu":
+    if may_be_nan or device.type != "cpu" or grid != REFERENCE_MASK_SIZE:
         labels = torch.zeros(out_height, out_width, dtype=torch.long, device=device)
         hard = torch.ones(out_height, out_width, dtype=torch.bool, device=device)
         classes = torch.arange(num_classes, device=device)
@@ -199,7 +227,7 @@ def _semantic_map(
         source_rows = (rows[hard_rows].view(-1, 1) + torch.arange(window)).clamp(max=REFERENCE_MASK_SIZE[0] - 1)
         classes = can_win[(source_rows // _SCORE_BAND_ROWS).unique()].any(dim=0).nonzero().flatten()  # [K]
 
-    mask_probs = _to_reference_size(mask_logits).sigmoid_()
+    mask_probs = _to_mask_size(mask_logits, mask_size).sigmoid_()
     # Only the classes that can win are scored. Matrix products of very few rows take BLAS
     # kernels that round differently from the reference's all-class product, so at least
     # _MIN_SCORED_CLASSES rows are computed (extra classes are scored, never ranked).
@@ -404,10 +432,12 @@ def post_process_instance_segmentation(
     target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
     return_coco_annotation: bool = False,
     return_binary_maps: bool = False,
+    *,
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
 ) -> list[dict[str, Any]]:
     """Instances: the top ``Q`` (query, class) pairs, scored by class probability times mask score.
 
-    A pair's mask is its query's mask logits at 384x384 binarised at 0; its mask score is the mean
+    A pair's mask is its query's mask logits at ``mask_size`` binarised at 0; its mask score is the mean
     sigmoid inside that mask. Pairs with score >= ``threshold`` and a non-empty mask (after
     nearest resizing to the target size) become segments with ids 0, 1, ... in top-k order.
     ``mask_threshold`` and ``overlap_mask_area_threshold`` are accepted for API compatibility and,
@@ -416,11 +446,12 @@ def post_process_instance_segmentation(
     Args:
         outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
         threshold: minimum segment score.
-        target_sizes: one ``(height, width)`` per image; default 384x384.
+        target_sizes: one ``(height, width)`` per image; default ``mask_size``.
         return_coco_annotation: ``segmentation`` becomes the RLE list of
             :func:`convert_segmentation_to_rle` over the id map (background ``-1`` included).
         return_binary_maps: ``segmentation`` becomes float ``[N, H, W]`` 0/1 maps, one per segment
             (unchanged id map when there are none).
+        mask_size: the size masks are resized to first (None: their own).
 
     Returns:
         One dict per image: ``segmentation`` (float32 ``[H, W]`` map of segment ids, ``-1`` where
@@ -434,6 +465,7 @@ def post_process_instance_segmentation(
     batch_size, num_queries = class_logits.shape[:2]
     num_classes = class_logits.shape[-1] - 1
     _check_target_sizes(target_sizes, batch_size)
+    grid = _grid_size(mask_logits, mask_size)
 
     results = []
     for i in range(batch_size):
@@ -445,20 +477,20 @@ def post_process_instance_segmentation(
         # A pair's final score is its class score times a mask score <= 1, so pairs below the
         # threshold already are out: only the rest need their (upsampled) masks.
         candidates = torch.nonzero(top_scores.double() >= threshold).flatten()
-        size = _target_size(target_sizes, i) or REFERENCE_MASK_SIZE
-        rows, cols = _nearest_indices(REFERENCE_MASK_SIZE, size, class_logits.device)
+        size = _target_size(target_sizes, i) or grid
+        rows, cols = _nearest_indices(grid, size, class_logits.device)
         segmentation = torch.full(size, -1.0, device=class_logits.device)
         segments: list[dict[str, Any]] = []
-        kept = torch.zeros((0, *REFERENCE_MASK_SIZE), dtype=torch.bool, device=class_logits.device)
+        kept = torch.zeros((0, *grid), dtype=torch.bool, device=class_logits.device)
 
         if candidates.numel() > 0:
             queries, pair_to_query = torch.unique(top_queries[candidates], return_inverse=True)
-            binary, area, mask_scores = _binary_masks_and_scores(mask_logits[i], queries)
+            binary, area, mask_scores = _binary_masks_and_scores(mask_logits[i], queries, mask_size)
             pair_scores = top_scores[candidates] * mask_scores[pair_to_query]
             # Score and emptiness (of the mask as nearest-resized to the output size) of each pair.
             passing = pair_scores.double() >= threshold  # Python-float comparison, as .item()
             sampled_rows, sampled_cols = rows.unique(), cols.unique()
-            if (sampled_rows.numel(), sampled_cols.numel()) == REFERENCE_MASK_SIZE:
+            if (sampled_rows.numel(), sampled_cols.numel()) == grid:
                 non_empty = area > 0  # every pixel survives the resize
             else:
                 sampled = binary.index_select(1, sampled_rows).index_select(2, sampled_cols)
@@ -466,11 +498,11 @@ def post_process_instance_segmentation(
             non_empty = non_empty[pair_to_query]
             keep = torch.nonzero(passing & non_empty).flatten()
             if keep.numel() > 0:
-                kept = binary.index_select(0, pair_to_query[keep])  # [K, 384, 384] in segment order
+                kept = binary.index_select(0, pair_to_query[keep])  # [K, *grid] in segment order
                 labels_kept = top_labels[candidates[keep]].tolist()
                 for seg_id, (label, score) in enumerate(zip(labels_kept, pair_scores[keep].tolist())):
                     segments.append({"id": seg_id, "label_id": int(label), "was_fused": False, "score": round(score, 6)})
-                # Nearest resizing only gathers pixels, so painting at 384x384 then gathering
+                # Nearest resizing only gathers pixels, so painting at the mask size then gathering
                 # equals painting the resized masks.
                 segmentation = _paint_last_wins(kept)[rows[:, None], cols[None, :]]
 
@@ -485,27 +517,28 @@ def post_process_instance_segmentation(
 
 
 def _binary_masks_and_scores(
-    mask_logits: torch.Tensor, queries: torch.Tensor
+    mask_logits: torch.Tensor, queries: torch.Tensor, mask_size: MaskSize
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The instance masks of some queries, as the reference computes them.
 
     Args:
         mask_logits: ``[Q, h, w]`` one image's mask logits.
         queries: ``[U]`` indices of the queries wanted.
+        mask_size: the size masks are resized to first (None: their own).
 
     Returns:
-        ``binary [U, 384, 384]`` (bool, logits > 0 at the reference size), ``area [U]``
+        ``binary [U, *mask_size]`` (bool, logits > 0 at that size), ``area [U]``
         (int32, pixels in the mask) and ``mask_scores [U]`` (mean sigmoid inside the mask:
         the reference's ``(sigmoid * binary).sum() / (area + 1e-6)``, same float32 sums).
         Computed a chunk of queries at a time, so the float maps stay small and in cache.
     """
     count = queries.numel()
-    binary = torch.empty((count, *REFERENCE_MASK_SIZE), dtype=torch.bool, device=mask_logits.device)
+    binary = torch.empty((count, *_grid_size(mask_logits, mask_size)), dtype=torch.bool, device=mask_logits.device)
     area = torch.empty(count, dtype=torch.int32, device=mask_logits.device)
     inside = mask_logits.new_empty(count)
     for start in range(0, count, _CHUNK):
         stop = min(start + _CHUNK, count)
-        logits = _to_reference_size(mask_logits.index_select(0, queries[start:stop]))  # [k, 384, 384]
+        logits = _to_mask_size(mask_logits.index_select(0, queries[start:stop]), mask_size)  # [k, *mask_size]
         chunk = torch.gt(logits, 0, out=binary[start:stop])
         area[start:stop] = chunk.flatten(1).sum(1, dtype=torch.int32)
         inside[start:stop] = logits.sigmoid_().mul_(chunk).flatten(1).sum(1)
@@ -542,6 +575,8 @@ def post_process_panoptic_segmentation(
     overlap_mask_area_threshold: float = 0.8,
     label_ids_to_fuse: Iterable[int] | None = None,
     target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    *,
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
 ) -> list[dict[str, Any]]:
     """Panoptic segments: each pixel goes to the kept query with the highest score x mask prob.
 
@@ -555,7 +590,8 @@ def post_process_panoptic_segmentation(
 
     Args:
         outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
-        target_sizes: one ``(height, width)`` per image; default 384x384.
+        target_sizes: one ``(height, width)`` per image; default ``mask_size``.
+        mask_size: the size masks are resized to first (None: their own).
 
     Returns:
         One dict per image: ``segmentation`` (int32 ``[H, W]`` segment ids, 0 = none; float32
@@ -575,13 +611,13 @@ def post_process_panoptic_segmentation(
         keep = pred_labels[i].ne(num_labels) & (pred_scores[i] > threshold)
         target = _target_size(target_sizes, i)
         if not bool(keep.any()):
-            size = target or REFERENCE_MASK_SIZE
+            size = target or _grid_size(mask_logits, mask_size)
             results.append({"segmentation": torch.full(size, -1.0, device=class_logits.device), "segments_info": []})
             continue
         scores, labels = pred_scores[i][keep], pred_labels[i][keep]
         count = scores.shape[0]
         kept_logits = mask_logits[i].index_select(0, torch.nonzero(keep).flatten())
-        owner, own_area = _panoptic_owners(kept_logits, scores, target, mask_threshold)
+        owner, own_area = _panoptic_owners(kept_logits, scores, target, mask_threshold, mask_size)
         won_area = torch.bincount(owner.flatten(), minlength=count)
         ratio = won_area / own_area  # the reference's float32 division, compared as a Python float
         exists = ((won_area > 0) & (own_area > 0) & (ratio.double() > overlap_mask_area_threshold)).tolist()
@@ -611,11 +647,15 @@ def post_process_panoptic_segmentation(
 
 
 def _panoptic_owners(
-    mask_logits: torch.Tensor, scores: torch.Tensor, size: tuple[int, int] | None, mask_threshold: float
+    mask_logits: torch.Tensor,
+    scores: torch.Tensor,
+    size: tuple[int, int] | None,
+    mask_threshold: float,
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which query owns each pixel, and each query's own mask area, for panoptic segments.
 
-    With ``probs = resize(sigmoid(_to_reference_size(mask_logits)), size) * scores`` (what the
+    With ``probs = resize(sigmoid(_to_mask_size(mask_logits, mask_size)), size) * scores`` (what the
     reference builds for all queries at once), returns ``probs.argmax(0)`` and the count of
     pixels with ``probs >= mask_threshold`` per query: the same numbers, computed a few
     queries at a time, by :mod:`omniseg.ops.scored_argmax` where numba is installed and
@@ -624,7 +664,8 @@ def _panoptic_owners(
     Args:
         mask_logits: ``[K, h, w]`` logits of the kept queries.
         scores: ``[K]`` their class scores.
-        size: output ``(height, width)``; None for the 384x384 reference size.
+        size: output ``(height, width)``; None for the mask size.
+        mask_size: the size masks are resized to first (None: their own).
 
     Returns:
         ``owner [H, W]`` (long, query index) and ``own_area [K]`` (long).
@@ -632,13 +673,13 @@ def _panoptic_owners(
     count = mask_logits.shape[0]
 
     if scored_argmax.available(mask_logits):  # resizes to ``size`` itself
-        height, width = size or REFERENCE_MASK_SIZE
+        height, width = size or _grid_size(mask_logits, mask_size)
         best = torch.empty(height, width)
         owner = torch.empty(height, width, dtype=torch.long)
         own_area = torch.empty(count, dtype=torch.long)
         for start in range(0, count, _CHUNK):
             stop = min(start + _CHUNK, count)
-            probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
+            probs = _to_mask_size(mask_logits[start:stop], mask_size).sigmoid_()  # [k, *mask_size]
             scored_argmax.update(probs, scores[start:stop], start, mask_threshold, best, owner, own_area)
         return owner, own_area
 
@@ -652,7 +693,7 @@ def _panoptic_owners(
     own_area = torch.zeros(count, dtype=torch.long, device=mask_logits.device)
 
     def probabilities(start: int, stop: int) -> torch.Tensor:
-        probs = _to_reference_size(mask_logits[start:stop]).sigmoid_()  # [k, 384, 384]
+        probs = _to_mask_size(mask_logits[start:stop], mask_size).sigmoid_()  # [k, *mask_size]
         if size is not None:
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
         probs.mul_(scores[start:stop].view(-1, 1, 1))
