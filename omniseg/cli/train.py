@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from omniseg.data.dataset import SegmentationDataset, folder_samples, pixel_counts
     from omniseg.data.groups import compile_group_pattern, group_counts, parse_groups, select_groups
     from omniseg.data.semantic import read_dataset_info
+    from omniseg.models.auto import MASK_CLASSIFICATION_TYPES
     from omniseg.train.distributed import cleanup, init_distributed
     from omniseg.train.setup import load_for_training
     from omniseg.train.semantic_aux import median_frequency_weights
@@ -113,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         crop = tuple(args.crop_size) if len(args.crop_size) == 2 else (args.crop_size[0], args.crop_size[0])
         if len(args.crop_size) > 2:
             raise OmnisegError("--crop-size takes one or two numbers")
-        if model_type == "mask2former" and (crop[0] % 32 or crop[1] % 32):
-            raise OmnisegError(f"--crop-size {crop} must be a multiple of 32 for Mask2Former (Swin strides)")
+        if model_type in MASK_CLASSIFICATION_TYPES and (crop[0] % 32 or crop[1] % 32):
+            raise OmnisegError(f"--crop-size {crop} must be a multiple of 32 for {model_type} (Swin strides)")
         augment = TrainAugmentation(
             crop_size=crop,
             scale_range=tuple(args.scale_range),
@@ -137,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
                     raise OmnisegError(f"{args.data}: no COCO annotations for the eval split {args.eval_split!r}")
                 eval_set = CocoSegmentationDataset(eval_reader)
         else:
-            if args.panoptic and model_type != "mask2former":
-                raise OmnisegError(f"--panoptic needs a mask-classification model (Mask2Former), not {model_type}")
+            if args.panoptic and model_type not in MASK_CLASSIFICATION_TYPES:
+                raise OmnisegError(
+                    f"--panoptic needs a mask-classification model (Mask2Former, MaskFormer), not {model_type}"
+                )
             if args.panoptic and not info.thing_ids and dist_info.is_main:
                 print("--panoptic: no thing classes (give --thing-classes or list them in the README); "
                       "every class is one segment", file=sys.stderr)

@@ -28,6 +28,7 @@ from omniseg.data.augment import TrainAugmentation, sample_generator
 from omniseg.data.targets import instances_from_semantic
 from omniseg.errors import ImageReadError, InputError
 from omniseg.io.images import load_image
+from omniseg.models.auto import MASK_CLASSIFICATION_TYPES
 
 # The ignore value inside training: the models' and processors' default (255).
 IGNORE = 255
@@ -172,7 +173,7 @@ class TrainCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         images = [item["image"] for item in items]
-        if self.model_type == "mask2former":
+        if self.model_type in MASK_CLASSIFICATION_TYPES:
             if "instances" in items[0]:
                 maps = [item["instances"] for item in items]
                 mapping: Any = [item["instance_id_to_semantic_id"] for item in items]

@@ -36,6 +36,10 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
     ),
 }
 
+# Architectures that classify masks (queries with class and mask logits, trained on binary
+# mask targets) rather than pixels.
+MASK_CLASSIFICATION_TYPES = frozenset({"mask2former", "maskformer"})
+
 
 def model_type_of(directory: Path) -> str:
     config = read_json(directory / CONFIG_NAME)

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 # Parameter-name prefixes of the pretrained backbone, per architecture.
 BACKBONE_PREFIXES: dict[str, tuple[str, ...]] = {
     "mask2former": ("model.pixel_level_module.encoder.",),
+    "maskformer": ("model.pixel_level_module.encoder.",),
     "segformer": ("segformer.",),
 }
 

@@ -37,6 +37,7 @@ from omniseg.errors import CheckpointError, OmnisegError
 from omniseg.data.targets import instances_from_semantic
 from omniseg.evaluation import PanopticQuality, SemanticSegmentationMetric
 from omniseg.io.atomic import atomic_open, atomic_write_text
+from omniseg.models.auto import MASK_CLASSIFICATION_TYPES
 from omniseg.train import checkpointing
 from omniseg.train.distributed import (
     DistInfo,
@@ -488,7 +489,7 @@ class Trainer:
         assert self.eval_dataset is not None
         num_labels = self.model.config.num_labels
         metric = SemanticSegmentationMetric(num_labels=num_labels, ignore_index=IGNORE)
-        things = getattr(self.train_dataset, "thing_ids", None) if self.model_type == "mask2former" else None
+        things = getattr(self.train_dataset, "thing_ids", None) if self.model_type in MASK_CLASSIFICATION_TYPES else None
         panoptic = PanopticQuality({c: c in things for c in range(num_labels)}) if things is not None else None
         model = self.inference_model
         was_training = model.training

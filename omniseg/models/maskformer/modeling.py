@@ -164,15 +164,20 @@ class MaskFormerForInstanceSegmentation(PretrainedModel):
         )
 
     def reference_only_tensors(self) -> dict[str, Tensor]:
-        # The reference keeps the criterion's class weights as a saved buffer, and its
-        # backbone the final LayerNorm of its classification model (never used here).
+        # The reference keeps the criterion's class weights and each Swin block's relative
+        # position index as saved buffers, and its backbone the final LayerNorm of its
+        # classification model (never used here).
         width = self.config.backbone_config.hidden_size
-        prefix = "model.pixel_level_module.encoder.model.layernorm."
-        return {
+        prefix = "model.pixel_level_module.encoder.model."
+        tensors = {
             "criterion.empty_weight": self.criterion.empty_weight,
-            prefix + "weight": torch.ones(width),
-            prefix + "bias": torch.zeros(width),
+            prefix + "layernorm.weight": torch.ones(width),
+            prefix + "layernorm.bias": torch.zeros(width),
         }
+        for name, buffer in self.model.pixel_level_module.encoder.model.named_buffers():
+            if name.endswith("relative_position_index"):
+                tensors[prefix + name] = buffer
+        return tensors
 
     @torch.no_grad()
     def _init_weights(self) -> None:
