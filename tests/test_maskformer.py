@@ -214,6 +214,27 @@ def test_training_loss_equals_reference(reference_dirs, name):
     assert ours.model.pixel_level_module.encoder.model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("costs", [(1.0, 20.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+def test_matcher_assigns_as_the_reference(costs):
+    """Matching on its own, with weights under which every cost term decides some pairs."""
+    from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher
+
+    from omniseg.models.maskformer.criterion import FullMaskHungarianMatcher
+
+    cost_class, cost_mask, cost_dice = costs
+    ours = FullMaskHungarianMatcher(cost_class=cost_class, cost_mask=cost_mask, cost_dice=cost_dice)
+    reference = MaskFormerHungarianMatcher(cost_class=cost_class, cost_mask=cost_mask, cost_dice=cost_dice)
+    g = torch.Generator().manual_seed(int(sum(costs)))
+    class_logits = torch.randn(2, 12, 6, generator=g) * 3
+    mask_logits = torch.randn(2, 12, 12, 16, generator=g) * 2
+    mask_labels = [(torch.rand(n, 48, 64, generator=g) > 0.6).float() for n in (5, 9)]
+    class_labels = [torch.randint(0, 5, (n,), generator=g) for n in (5, 9)]
+    got = ours(class_logits, mask_logits, mask_labels, class_labels)
+    expected = reference(mask_logits, class_logits, mask_labels, class_labels)
+    for (a_rows, a_cols), (b_rows, b_cols) in zip(got, expected):
+        assert torch.equal(a_rows, b_rows) and torch.equal(a_cols, b_cols)
+
+
 def test_unsupported_backbones_and_types_are_clear_errors(reference_dirs, tmp_path):
     config = json.loads((reference_dirs["small"] / "config.json").read_text())
     config["backbone_config"] = {"model_type": "resnet", "depths": [1, 1, 1, 1]}
