@@ -315,3 +315,29 @@ def test_train_cli_fine_tunes_maskformer(camvid_dir, reference_dirs, tmp_path):
         got, expected = ours(inputs["pixel_values"]), reference(pixel_values=inputs["pixel_values"])
     assert got.class_queries_logits.shape[-1] == 12
     assert relative_error(got.masks_queries_logits, expected.masks_queries_logits) < TOLERANCE
+
+
+def test_segment_and_evaluate_cli_run_maskformer(photo_model_dir, camvid_dir, tmp_path):
+    frames = sorted((camvid_dir / "images" / "val").glob("*.png"))[:2]
+    data = tmp_path / "data"
+    for kind in ("images", "labels"):
+        (data / kind / "val").mkdir(parents=True)
+    for frame in frames:
+        Image.open(frame).convert("RGB").resize((120, 90), Image.BILINEAR).save(data / "images" / "val" / frame.name)
+        label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((120, 90), Image.NEAREST)
+        label.save(data / "labels" / "val" / frame.name)
+    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+
+    out = tmp_path / "segments"
+    assert omniseg_main(["segment", str(data / "images" / "val"), "--out", str(out), "--model", str(photo_model_dir),
+                         "--task", "panoptic", "--threshold", "0.3"]) == 0
+    for frame in frames:
+        result = json.loads((out / f"{frame.stem}.json").read_text())
+        assert result["segments"], result
+        assert (out / f"{frame.stem}_labels.png").is_file()
+
+    report = tmp_path / "report"
+    assert omniseg_main(["evaluate", "--model", str(photo_model_dir), "--data", str(data), "--out", str(report),
+                         "--ignore-index", "11", "--examples", "0"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["images"] == 2 and 0.0 <= metrics["metrics"]["mean_iou"] <= 1.0
