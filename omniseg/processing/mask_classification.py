@@ -194,18 +194,29 @@ def _semantic_map(
     per source pixel only the band's leading class and its lead. Output pixels whose source
     window has one leader with a clear lead everywhere get it directly; if any are left
     (where classes meet or nearly tie), they are taken from the reference's computation,
-    resizing only the class maps that can win there. The bands are laid out for the 384x384
-    grid; at other mask sizes (MaskFormer) every pixel takes the reference's computation.
+    resizing only the class maps that can win there.
+
+    Without the 384x384 step (``mask_size=None``, MaskFormer) the class maps are as small as
+    the masks and this is the reference's own computation (one einsum, one resize of all
+    class maps, one argmax): on the random MaskFormer Swin-T (150 classes, 96x128 -> 480x640)
+    and a 12-query model on a CamVid photo, the banded leads and the chunked argmax below
+    (made for 384x384 maps) were slower than it, not faster, on a busy shared machine.
     """
     num_classes = class_probs.shape[1]
-    grid = _grid_size(mask_logits, mask_size)
-    out_height, out_width = size if size is not None else grid
+    if mask_size is None:
+        scores = torch.einsum("qc, qhw -> chw", class_probs, mask_logits.sigmoid())
+        if size is not None:
+            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+        return scores.argmax(dim=0)
+    if tuple(mask_size) != REFERENCE_MASK_SIZE:  # the bands below are laid out for it
+        raise ValueError(f"semantic post-processing takes mask_size {REFERENCE_MASK_SIZE} or None, not {mask_size}")
+    out_height, out_width = size if size is not None else REFERENCE_MASK_SIZE
     device = mask_logits.device
     if num_classes < 2:  # argmax over one class (NaN or not)
         return torch.zeros(out_height, out_width, dtype=torch.long, device=device)
     # NaN compares false: no lead can be trusted. On an accelerator the reference's
     # computation is cheap, and the banded pass is written for the CPU's caches.
-    if may_be_nan or device.type != "cpu" or grid != REFERENCE_MASK_SIZE:
+    if may_be_nan or device.type != "cpu":
         labels = torch.zeros(out_height, out_width, dtype=torch.long, device=device)
         hard = torch.ones(out_height, out_width, dtype=torch.bool, device=device)
         classes = torch.arange(num_classes, device=device)
@@ -227,7 +238,7 @@ def _semantic_map(
         source_rows = (rows[hard_rows].view(-1, 1) + torch.arange(window)).clamp(max=REFERENCE_MASK_SIZE[0] - 1)
         classes = can_win[(source_rows // _SCORE_BAND_ROWS).unique()].any(dim=0).nonzero().flatten()  # [K]
 
-    mask_probs = _to_mask_size(mask_logits, mask_size).sigmoid_()
+    mask_probs = _to_mask_size(mask_logits, REFERENCE_MASK_SIZE).sigmoid_()
     # Only the classes that can win are scored. Matrix products of very few rows take BLAS
     # kernels that round differently from the reference's all-class product, so at least
     # _MIN_SCORED_CLASSES rows are computed (extra classes are scored, never ranked).
