@@ -163,10 +163,11 @@ class Trainer:
     """Trains ``model`` on ``train_dataset``; evaluates on ``eval_dataset`` when given.
 
     Args:
-        model: an omniseg model (``Mask2FormerForUniversalSegmentation`` or
-            ``SegformerForSemanticSegmentation``) whose forward returns ``loss`` given targets.
+        model: an omniseg model (``Mask2FormerForUniversalSegmentation``,
+            ``MaskFormerForInstanceSegmentation`` or ``SegformerForSemanticSegmentation``)
+            whose forward returns ``loss`` given targets.
         processor: the model's image processor (used to collate and to post-process).
-        model_type: ``"mask2former"`` or ``"segformer"``.
+        model_type: ``"mask2former"``, ``"maskformer"`` or ``"segformer"``.
         train_dataset, eval_dataset: :class:`~omniseg.data.dataset.SegmentationDataset`.
         args: :class:`TrainingArguments`.
         dist_info: this process's place in the job (default: single process on the CPU).
