@@ -163,8 +163,9 @@ class TrainCollator:
     Samples are already augmented to their final size, so the processor only rescales,
     normalises and pads (``do_resize=False``); padding never happens when all crops share
     one size. Output for mask-classification models (Mask2Former, MaskFormer):
-    ``pixel_values``, ``pixel_mask``, ``mask_labels``, ``class_labels`` (and ``semantic_labels`` ``[B, H, W]`` with ``semantic_labels=True``,
-    for :mod:`omniseg.train.semantic_aux`); for SegFormer: ``pixel_values``, ``labels``.
+    ``pixel_values``, ``pixel_mask``, ``mask_labels``, ``class_labels`` (and
+    ``semantic_labels`` ``[B, H, W]`` with ``semantic_labels=True``, for
+    :mod:`omniseg.train.semantic_aux`); for SegFormer: ``pixel_values``, ``labels``.
     """
 
     processor: Any
