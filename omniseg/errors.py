@@ -50,3 +50,8 @@ class ModelNotFoundError(CheckpointError):
 
 class UnsupportedModelError(CheckpointError):
     """The checkpoint's architecture (``model_type``) is not one omniseg implements."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What to tell the user about a failed file: an input error's own reason, else the message."""
+    return exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from omniseg.errors import InputError, ModelNotFoundError, OmnisegError
+from omniseg.errors import InputError, ModelNotFoundError, OmnisegError, failure_reason
 from omniseg.io.atomic import atomic_write_text
 from omniseg.io.images import iter_image_files, load_image
 from omniseg.io.results import (
@@ -66,7 +66,7 @@ no model, model cannot be loaded).
 class _Item:
     """One input image: the path as the user will recognise it, and its output stem."""
 
-    path: Path
+    path: Path | str  # str: a URI (s3://...), read by the Ray engine
     stem: Path  # OUT/<relative folders>/<stem>, without suffix
 
 
@@ -79,7 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
-                        help="image files, or folders to walk (recursively) for images")
+                        help="image files, or folders to walk (recursively) for images; with "
+                             "--engine ray also URIs of any filesystem pyarrow supports (s3://...)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="output folder (created if needed)")
     parser.add_argument("--model", metavar="M",
@@ -96,15 +97,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--format", type=_formats, default=("png", "json"), metavar="png,json,coco",
                         help="outputs to write, comma-separated (default: png,json); see below")
+    parser.add_argument("--no-overlay", action="store_true",
+                        help="png writes the label map only, not the (costly) overlay picture")
+    _add_engine_arguments(parser)
     parser.set_defaults(_segment_parser=parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     formats: tuple[str, ...] = args.format if isinstance(args.format, tuple) else _formats(args.format)
+    if args.no_overlay:
+        formats = tuple("labels" if name == "png" else name for name in formats)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _usage_error(args, f"--out {out} exists and is not a folder")
+    from omniseg.distributed import engine as ray_engine  # imports Ray only when used
+
+    problem = ray_engine.usage_problem(args)
+    if problem is not None:
+        return _usage_error(args, problem)
     if args.device.startswith("cuda"):
         import torch
 
@@ -121,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(args, f"--task {args.task}: {exc}")
     id2label = seg.model.config.id2label
 
-    items = _collect(args.inputs, out)
+    items = _collect([text for text in args.inputs if not ray_engine.is_uri(text)], out)
+    items += [_Item(path=source, stem=stem) for source, stem in ray_engine.uri_items(args.inputs, out)]
     if not items:
         print("omniseg segment: no image files found in the inputs", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,33 +165,47 @@ def run(args: argparse.Namespace) -> int:
         progress.set_postfix(failed=len(errors), skipped=skipped, refresh=False)
         progress.update(1)
 
-    def fail(item: _Item, exc: BaseException) -> None:
-        reason = exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)
-        errors.append({"file": str(item.path), "error": type(exc).__name__, "reason": reason})
+    def record_failure(item: _Item, error: str, reason: str) -> None:
+        errors.append({"file": str(item.path), "error": error, "reason": reason})
         # Rewritten whole, atomically, after every failure: always a complete file.
         atomic_write_text(errors_path, "".join(json.dumps(e) + "\n" for e in errors))
-        progress.write(f"omniseg segment: {item.path}: {type(exc).__name__}: {reason}", file=sys.stderr)
+        progress.write(f"omniseg segment: {item.path}: {error}: {reason}", file=sys.stderr)
+
+    def fail(item: _Item, exc: BaseException) -> None:
+        record_failure(item, type(exc).__name__, failure_reason(exc))
 
     try:
-        for start in range(0, len(pending), args.batch_size):
-            batch = pending[start : start + args.batch_size]
-            loaded = []
-            for item in batch:
-                try:
-                    loaded.append((item, load_image(item.path)))
-                except InputError as exc:
-                    fail(item, exc)
-                    advance()
-            for (item, image), segments in _segment(seg, loaded, call_options, fail):
-                if segments is not None:
-                    try:
-                        write_image_results(
-                            item.stem, image, segments, id2label, source=item.path,
-                            task=task, model=model_name, formats=formats,
-                        )
-                    except (OSError, ValueError) as exc:
-                        fail(item, exc)
+        if args.engine == "ray":
+            outcomes = ray_engine.segment_items(
+                pending, model_name=model_name, task=task, formats=formats,
+                call_options=call_options, address=args.ray_address, actors=args.actors,
+                batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
+                gpus_per_actor=args.gpus_per_actor,
+            )
+            for item, failure in outcomes:
+                if failure is not None:
+                    record_failure(item, *failure)
                 advance()
+        else:
+            for start in range(0, len(pending), args.batch_size):
+                batch = pending[start : start + args.batch_size]
+                loaded = []
+                for item in batch:
+                    try:
+                        loaded.append((item, load_image(item.path)))
+                    except InputError as exc:
+                        fail(item, exc)
+                        advance()
+                for (item, image), segments in _segment(seg, loaded, call_options, fail):
+                    if segments is not None:
+                        try:
+                            write_image_results(
+                                item.stem, image, segments, id2label, source=item.path,
+                                task=task, model=model_name, formats=formats,
+                            )
+                        except (OSError, ValueError) as exc:
+                            fail(item, exc)
+                    advance()
     finally:
         progress.close()
 
@@ -345,6 +371,41 @@ def _probability(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from omniseg.distributed.engine import ENGINES
+
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", choices=ENGINES, default="local",
+                       help="local: this process (default); ray: an actor pool on a Ray cluster, "
+                            "each actor holding the model (needs: pip install 'omniseg[ray]')")
+    group.add_argument("--ray-address", metavar="auto|HOST",
+                       help="Ray cluster to join (auto: the one this machine is part of; HOST:PORT; "
+                            "ray://HOST:PORT); default: start a local Ray instance")
+    group.add_argument("--actors", type=_positive_int, default=1, metavar="N",
+                       help="Ray actors, each with one copy of the model (default: 1)")
+    group.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, metavar="C",
+                       help="CPUs Ray reserves per actor, also its PyTorch threads (default: 1)")
+    group.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
+                       help="GPUs per actor; above 0 the model runs on CUDA (default: 0)")
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError("must be above 0")
     return value
 
 

@@ -149,10 +149,14 @@ def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
 
 
 def output_paths(out_stem: str | Path, formats: Iterable[str]) -> dict[str, Path]:
-    """The files one image gets for ``formats`` (``"png"``: label map + overlay, ``"json"``)."""
+    """The files one image gets for ``formats``: ``"png"`` (label map + overlay),
+    ``"labels"`` (the label map alone, without the costly overlay), ``"json"``."""
     out_stem = Path(out_stem)
     wanted = set(formats)
-    kinds = (["labels", "overlay"] if "png" in wanted else []) + (["json"] if "json" in wanted else [])
+    kinds = (
+        (["labels", "overlay"] if "png" in wanted else ["labels"] if "labels" in wanted else [])
+        + (["json"] if "json" in wanted else [])
+    )
     return {kind: out_stem.with_name(out_stem.name + IMAGE_OUTPUTS[kind]) for kind in kinds}
 
 
@@ -187,7 +191,7 @@ def write_image_results(
         source: the input as the user named it (recorded in the JSON).
         task: the subtask that produced the segments (``"semantic"``, ...).
         model: the model's name or path (recorded in the JSON).
-        formats: any of ``"png"`` and ``"json"``.
+        formats: any of ``"png"`` (or ``"labels"``, without the overlay) and ``"json"``.
         alpha: overlay opacity.
     """
     paths = output_paths(out_stem, formats)

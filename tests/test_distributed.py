@@ -1,0 +1,172 @@
+"""The Ray engine (``omniseg segment --engine ray``) and ``segment_dataset``, on a local
+2-CPU Ray instance, against the local engine, with a tiny model and 12 real CamVid frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference_models import build_reference_mask2former
+
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[ray]')")
+
+import ray  # noqa: E402
+
+from omniseg.cli.main import main  # noqa: E402
+from omniseg.io.images import load_image  # noqa: E402
+from omniseg.io.results import segments_to_records  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FRAMES = 12
+BROKEN = "broken.png"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One small local instance for the module: the engine uses it instead of starting its own."""
+    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_reference_mask2former(tmp_path_factory.mktemp("models") / "tiny-m2f")
+
+
+@pytest.fixture(scope="module")
+def frames(camvid_dir, tmp_path_factory) -> Path:
+    """12 real frames and one truncated PNG, in one folder."""
+    folder = tmp_path_factory.mktemp("frames")
+    for path in sorted((camvid_dir / "images" / "val").glob("*.png"))[:FRAMES]:
+        shutil.copy(path, folder / path.name)
+    whole = next(folder.iterdir()).read_bytes()
+    (folder / BROKEN).write_bytes(whole[: len(whole) // 3])
+    return folder
+
+
+def _segment(frames: Path, out: Path, model_dir: Path, *extra: str) -> int:
+    return main(["segment", str(frames), "--out", str(out), "--model", str(model_dir),
+                 "--threshold", "0", *extra])
+
+
+@pytest.fixture(scope="module")
+def local_out(frames, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    assert _segment(frames, out, model_dir) == 1  # the broken file
+    return out
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _errors(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+
+
+def test_ray_engine_writes_the_local_engines_files_and_reruns_write_nothing(
+    frames, model_dir, local_out, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert _segment(frames, out, model_dir, "--engine", "ray", "--actors", "2", "--batch-size", "2") == 1
+    assert f"{FRAMES} segmented, 0 already done, 1 failed" in capsys.readouterr().err
+
+    local, distributed = _files(local_out), _files(out)
+    assert sorted(distributed) == sorted(local)
+    assert len(local) == 3 * FRAMES + 1  # JSON, label map and overlay per frame; errors.jsonl
+    for name in local:
+        assert distributed[name] == local[name], name  # byte for byte, JSON and PNGs
+    assert _errors(out) == _errors(local_out)
+    assert _errors(out)[0]["file"] == str(frames / BROKEN)
+    assert "truncated" in _errors(out)[0]["reason"]
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "errors.jsonl"}
+    assert _segment(frames, out, model_dir, "--engine", "ray", "--actors", "2", "--batch-size", "2") == 1
+    assert f"0 segmented, {FRAMES} already done, 1 failed" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "errors.jsonl"} == stamps
+    assert [e["file"] for e in _errors(out)] == [str(frames / BROKEN)]
+
+
+def test_segment_dataset_gives_the_pipelines_segments(frames, model_dir):
+    import omniseg
+    from omniseg.distributed import SEGMENT_COLUMNS, segment_dataset
+
+    paths = [str(p) for p in sorted(frames.glob("0*.png"))[:3]] + [str(frames / BROKEN)]
+    encoded = ray.data.read_binary_files(paths, include_paths=True)
+    arrays = ray.data.from_items([{"image": np.asarray(load_image(p)), "path": p} for p in paths[:2]])
+    rows = (
+        segment_dataset(encoded, model=model_dir, task="instance", threshold=0.0, image_column="bytes").take_all()
+        + segment_dataset(arrays, model=model_dir, task="instance", threshold=0.0, actors=2).take_all()
+    )
+    assert len(rows) == 6 and all(set(SEGMENT_COLUMNS) <= set(row) for row in rows)
+
+    seg = omniseg.pipeline("image-segmentation", model=model_dir)
+    for row in rows:
+        if row["path"].endswith(BROKEN):
+            assert row["error_type"] == "ImageReadError" and "truncated" in row["error"]
+            assert row["labels"] == [] and row["width"] is None
+            continue
+        assert row["error"] is None, row["error"]
+        records = segments_to_records(seg(row["path"], subtask="instance", threshold=0.0), seg.id2label)
+        assert len(records) > 0
+        assert (row["width"], row["height"]) == (480, 360)
+        assert row["label_ids"] == [r["label_id"] for r in records]
+        assert row["labels"] == [r["label"] for r in records]
+        assert row["scores"] == [r["score"] for r in records]
+        assert row["areas"] == [r["area"] for r in records]
+        assert [list(box) for box in row["boxes"]] == [r["bbox"] for r in records]
+        assert row["rles"] == [r["segmentation"]["counts"] for r in records]
+    assert sum(not row["path"].endswith(BROKEN) for row in rows) == 5
+
+
+def _segmenting_actors() -> dict[str, dict]:
+    # Ray's actor table (the state API needs the dashboard, which this instance runs without).
+    from ray._private import state
+
+    return {
+        actor_id: actor
+        for actor_id, actor in state.actors().items()
+        if "SegmentImages" in actor["ActorClassName"] and actor["State"] == "ALIVE"
+    }
+
+
+def test_a_killed_actor_loses_and_duplicates_nothing(frames, model_dir, local_out, tmp_path, capsys):
+    out = tmp_path / "out"
+    status: list[int] = []
+    run = threading.Thread(target=lambda: status.append(
+        _segment(frames, out, model_dir, "--engine", "ray", "--actors", "2", "--batch-size", "1")
+    ))
+    run.start()
+    killed, done_at_kill = None, None
+    deadline = time.monotonic() + 240
+    while run.is_alive() and killed is None and time.monotonic() < deadline:
+        done = len(list(out.glob("*.json")))
+        actors = _segmenting_actors()
+        if done >= 1 and len(actors) == 2:
+            killed, actor = next(iter(actors.items()))
+            done_at_kill = done
+            os.kill(actor["Pid"], signal.SIGKILL)
+        time.sleep(0.02)
+    run.join(timeout=300)
+    assert killed is not None, "the run ended before an actor could be killed"
+    assert done_at_kill < FRAMES, "the actor was killed after the last image"
+
+    from ray._private import state
+
+    assert state.actors()[killed]["NumRestarts"] >= 1  # Ray restarted it and redid its batch
+    assert status == [1]  # the broken file, as before
+    assert f"{FRAMES} segmented, 0 already done, 1 failed" in capsys.readouterr().err
+    files = _files(out)
+    assert sorted(files) == sorted(_files(local_out))  # every output, no temporary leftovers
+    assert all(files[name] == data for name, data in _files(local_out).items())
+    assert [e["file"] for e in _errors(out)] == [str(frames / BROKEN)]
