@@ -132,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(args, f"--task {args.task}: {exc}")
     id2label = seg.model.config.id2label
 
-    items = _collect([text for text in args.inputs if not ray_engine.is_uri(text)], out)
-    items += [_Item(path=source, stem=stem) for source, stem in ray_engine.uri_items(args.inputs, out)]
+    items = _collect(args.inputs, out)
     if not items:
         print("omniseg segment: no image files found in the inputs", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,11 +270,17 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
     share an output stem (``a.jpg`` and ``a.png``, or ``x/a.png`` and ``y/a.png`` given as
     files), each of them uses its full file name instead (``a.jpg.json``, ``a.png.json``), and
     a later one in argument order whose full name is taken too adds a number (``a.png-2.json``).
+    URIs of other filesystems (``s3://...``; the Ray engine reads them) are laid out alike.
     """
+    from omniseg.distributed.sources import is_uri, list_image_uris
+
     out_abs = Path(os.path.abspath(out))
     output_suffixes = tuple(s for s in IMAGE_OUTPUTS.values() if s.endswith(".png"))
-    found: list[tuple[Path, Path]] = []  # (file, its path relative to OUT)
+    found: list[tuple[Path | str, Path]] = []  # (file or URI, its path relative to OUT)
     for arg in inputs:
+        if is_uri(arg):  # a remote file or folder (s3://...), for the Ray engine
+            found.extend((uri, Path(relative)) for uri, relative in list_image_uris(arg))
+            continue
         path = Path(arg)
         if path.is_dir():
             for file in iter_image_files([path]):
@@ -286,9 +291,9 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
         else:
             found.append((path, Path(path.name)))
 
-    unique: dict[Path, tuple[Path, Path]] = {}
+    unique: dict[Path | str, tuple[Path | str, Path]] = {}
     for file, rel in found:
-        unique.setdefault(Path(os.path.abspath(file)), (file, rel))
+        unique.setdefault(file if isinstance(file, str) else Path(os.path.abspath(file)), (file, rel))
     planned = list(unique.values())
 
     reserved = {Path(Path(COCO_FILE).stem)}  # OUT's own files

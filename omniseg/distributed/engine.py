@@ -20,12 +20,11 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from omniseg.distributed.dataset import OutputFiles, map_with_actors
 from omniseg.distributed.runtime import ray_cluster
-from omniseg.distributed.sources import is_uri, list_image_uris
+from omniseg.distributed.sources import is_uri
 
 ENGINES = ("local", "ray")
 
@@ -53,23 +52,6 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     if args.device != "cpu":
         return "--engine ray: the actors' device comes from --gpus-per-actor, not --device"
     return None
-
-
-def uri_items(inputs: Sequence[str], out: Path) -> list[tuple[str, Path]]:
-    """``(source URI, output stem)`` for the image files that the URI inputs name.
-
-    A file URI's outputs go directly into ``out``; a folder's keep their layout relative to
-    that folder. Equal stems in one folder (``a.jpg``, ``a.png``) keep the full file name.
-    """
-    found = [pair for text in inputs if is_uri(text) for pair in list_image_uris(text)]
-    counts: dict[Path, int] = {}
-    for _, relative in found:
-        counts[Path(relative).with_suffix("")] = counts.get(Path(relative).with_suffix(""), 0) + 1
-    items = []
-    for source, relative in found:
-        stem = Path(relative).with_suffix("")
-        items.append((source, out / (Path(relative) if counts[stem] > 1 else stem)))
-    return items
 
 
 def segment_items(
