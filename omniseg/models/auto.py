@@ -34,6 +34,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
         "omniseg.processing.segformer",
         "SegformerImageProcessor",
     ),
+    "sam": (
+        "omniseg.models.sam",
+        "SamModel",
+        "omniseg.processing.sam",
+        "SamImageProcessor",
+    ),
 }
 
 # Architectures that classify masks (queries with class and mask logits, trained on binary

@@ -1,0 +1,123 @@
+"""Tiny random SAM checkpoints built with the reference implementation (transformers).
+
+A helper module for tests, not a test file (see reference_models.py for the pattern)::
+
+    from reference_sam import TINY_SAM_CONFIGS, build_reference_sam
+
+    path = build_reference_sam(tmp_path / "sam", **TINY_SAM_CONFIGS["windowed"])
+
+Each builder writes ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``
+(the processor resizes to ``image_size`` and pads to it). Every parameter gets seeded
+Gaussian noise so that parity checks see every weight (random initialisation leaves the
+relative positions and absolute positions at zero).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference_models import perturb_parameters
+
+# Two shapes that differ in depth, window size (one that does not divide the grid, so
+# windows are padded), global-attention layers, heads and widths.
+TINY_SAM_CONFIGS: dict[str, dict[str, Any]] = {
+    "windowed": dict(
+        image_size=128,
+        patch_size=16,
+        vision_hidden=32,
+        vision_layers=3,
+        vision_heads=2,
+        window_size=3,
+        global_attn_indexes=(1,),
+        hidden=32,
+        decoder_layers=2,
+        decoder_heads=2,
+    ),
+    "deep": dict(
+        image_size=96,
+        patch_size=8,
+        vision_hidden=48,
+        vision_layers=4,
+        vision_heads=4,
+        window_size=4,
+        global_attn_indexes=(0, 3),
+        hidden=64,
+        decoder_layers=3,
+        decoder_heads=4,
+    ),
+}
+
+
+def reference_sam_config(
+    *,
+    image_size: int = 128,
+    patch_size: int = 16,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 2,
+    window_size: int = 3,
+    global_attn_indexes: tuple[int, ...] = (1,),
+    hidden: int = 32,
+    decoder_layers: int = 2,
+    decoder_heads: int = 2,
+):
+    """A ``transformers.SamConfig`` of a tiny model (``hidden`` is the prompt/mask width)."""
+    from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    vision = SamVisionConfig(
+        hidden_size=vision_hidden,
+        output_channels=hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        window_size=window_size,
+        global_attn_indexes=list(global_attn_indexes),
+        num_pos_feats=hidden // 2,
+        mlp_dim=2 * vision_hidden,
+    )
+    prompt = SamPromptEncoderConfig(
+        hidden_size=hidden, image_size=image_size, patch_size=patch_size, mask_input_channels=8
+    )
+    decoder = SamMaskDecoderConfig(
+        hidden_size=hidden,
+        mlp_dim=2 * hidden,
+        num_hidden_layers=decoder_layers,
+        num_attention_heads=decoder_heads,
+        iou_head_hidden_dim=hidden,
+    )
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def reference_sam_processor(image_size: int):
+    """The reference's SAM image processor, resizing and padding to ``image_size``."""
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    mask_size = image_size // 4
+    return SamImageProcessorPil(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": mask_size},
+        mask_pad_size={"height": mask_size, "width": mask_size},
+    )
+
+
+def build_reference_sam(directory: str | Path, *, seed: int = 0, perturb: float = 0.1, **config_kwargs: Any) -> Path:
+    """Build, perturb and save a tiny reference ``SamModel`` and its processor; returns the
+    directory (loadable by ``transformers`` and by ``omniseg.load_model``)."""
+    from transformers import SamModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = reference_sam_config(**config_kwargs)
+    model = SamModel(config)
+    if perturb:
+        perturb_parameters(model, seed=seed, scale=perturb)
+    model.eval()
+    model.save_pretrained(directory)
+    reference_sam_processor(config.vision_config.image_size).save_pretrained(directory)
+    return directory

@@ -1,0 +1,131 @@
+"""SAM model against the reference implementation on tiny random checkpoints.
+
+Image embeddings and mask logits within 1e-4 (relative to the largest magnitude), IoU
+scores within 1e-5, for point, box, point+box and mask prompts, single- and multi-mask;
+and a model saved by omniseg loads in the reference with the same outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_sam import TINY_SAM_CONFIGS, build_reference_sam
+
+transformers = pytest.importorskip("transformers")
+
+from omniseg import load_model  # noqa: E402
+from omniseg.models.sam import SamModel  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_SAM_CONFIGS))
+def sam_pair(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Module, SamModel]:
+    settings = TINY_SAM_CONFIGS[request.param]
+    directory = build_reference_sam(tmp_path_factory.mktemp(f"sam-{request.param}"), **settings)
+    reference = transformers.SamModel.from_pretrained(directory).eval()
+    return request.param, directory, reference, load_model(directory)
+
+
+def _relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return float((expected - actual).abs().max() / expected.abs().max())
+
+
+def _prompts(size: int, grid: int) -> dict[str, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    points = torch.rand(2, 5, 3, 2, generator=generator) * size
+    labels = torch.randint(-1, 2, (2, 5, 3), generator=generator)
+    labels[:, :, 0] = 1
+    labels[0, 0, 2] = -10  # padding
+    corners = torch.rand(2, 5, 2, 2, generator=generator) * size
+    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1)
+    masks = torch.randn(2, 1, 4 * grid, 4 * grid, generator=generator)
+    return {
+        "points": dict(input_points=points, input_labels=labels),
+        "boxes": dict(input_boxes=boxes),
+        "points+boxes": dict(input_points=points, input_labels=labels, input_boxes=boxes),
+        "points+mask": dict(input_points=points, input_labels=labels, input_masks=masks),
+    }
+
+
+@torch.no_grad()
+def test_image_embeddings_match_reference(sam_pair) -> None:
+    name, _, reference, ours = sam_pair
+    size = TINY_SAM_CONFIGS[name]["image_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected = reference.get_image_embeddings(pixels)
+    actual = ours.get_image_embeddings(pixels)
+    assert actual.shape == expected.shape
+    assert _relative_error(expected, actual) < 1e-4
+
+
+@pytest.mark.parametrize("prompt", ["points", "boxes", "points+boxes", "points+mask"])
+@pytest.mark.parametrize("multimask_output", [True, False])
+@torch.no_grad()
+def test_masks_and_iou_scores_match_reference(sam_pair, prompt, multimask_output) -> None:
+    name, _, reference, ours = sam_pair
+    settings = TINY_SAM_CONFIGS[name]
+    size = settings["image_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    inputs = _prompts(size, size // settings["patch_size"])[prompt]
+    expected = reference(pixel_values=pixels, multimask_output=multimask_output, **inputs)
+    actual = ours(pixel_values=pixels, multimask_output=multimask_output, **inputs)
+    assert actual.pred_masks.shape == expected.pred_masks.shape
+    assert _relative_error(expected.pred_masks, actual.pred_masks) < 1e-4
+    assert float((expected.iou_scores - actual.iou_scores).abs().max()) < 1e-5
+
+
+@torch.no_grad()
+def test_stored_image_embeddings_give_the_same_masks(sam_pair) -> None:
+    name, _, _, ours = sam_pair
+    size = TINY_SAM_CONFIGS[name]["image_size"]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    points = torch.tensor([[[[size / 3, size / 2]]]])
+    direct = ours(pixel_values=pixels, input_points=points)
+    embeddings = ours.get_image_embeddings(pixels)
+    reused = ours(image_embeddings=embeddings, input_points=points)
+    torch.testing.assert_close(reused.pred_masks, direct.pred_masks, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_model_saved_by_omniseg_loads_in_reference(sam_pair, tmp_path) -> None:
+    name, _, reference, ours = sam_pair
+    ours.save_pretrained(tmp_path)
+    reloaded = transformers.SamModel.from_pretrained(tmp_path).eval()
+    size = TINY_SAM_CONFIGS[name]["image_size"]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    points = torch.tensor([[[[size / 4, size / 5]], [[size / 2, size / 2]]]])
+    expected = reference(pixel_values=pixels, input_points=points)
+    actual = reloaded(pixel_values=pixels, input_points=points)
+    torch.testing.assert_close(actual.pred_masks, expected.pred_masks, rtol=0, atol=0)
+    torch.testing.assert_close(actual.iou_scores, expected.iou_scores, rtol=0, atol=0)
+    # And back: the saved directory loads in omniseg with the same config.
+    again = SamModel.from_pretrained(tmp_path)
+    assert again.config.to_dict() == ours.config.to_dict()
+
+
+def test_checkpoint_with_the_tied_copy_loads(sam_pair, tmp_path) -> None:
+    """Hub checkpoints store the prompt encoder's tied Fourier matrix a second time."""
+    from safetensors.torch import load_file, save_file
+
+    _, directory, _, ours = sam_pair
+    state = load_file(str(directory / "model.safetensors"))
+    state["prompt_encoder.shared_embedding.positional_embedding"] = state[
+        "shared_image_embedding.positional_embedding"
+    ].clone()
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    loaded = SamModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(
+        loaded.shared_image_embedding.positional_embedding, ours.shared_image_embedding.positional_embedding
+    )
