@@ -52,6 +52,11 @@ class UnsupportedModelError(CheckpointError):
     """The checkpoint's architecture (``model_type``) is not one omniseg implements."""
 
 
+class PromptError(InputError):
+    """A point or box prompt cannot be used: empty, malformed, outside the image, or a box
+    whose corners are swapped."""
+
+
 def failure_reason(exc: BaseException) -> str:
     """What to tell the user about a failed file: an input error's own reason, else the message."""
     return exc.reason if isinstance(exc, InputError) else (str(exc) or type(exc).__name__)

@@ -129,3 +129,17 @@ def test_checkpoint_with_the_tied_copy_loads(sam_pair, tmp_path) -> None:
     torch.testing.assert_close(
         loaded.shared_image_embedding.positional_embedding, ours.shared_image_embedding.positional_embedding
     )
+
+
+@torch.no_grad()
+def test_processor_outputs_go_straight_into_the_model(sam_pair, street_photo) -> None:
+    from omniseg import load_processor
+
+    _, directory, reference, ours = sam_pair
+    processor = load_processor(directory)
+    inputs = processor(street_photo, input_points=[[[[120.0, 80.0]]]], input_boxes=[[[50.0, 40.0, 300.0, 200.0]]])
+    expected = reference(**{k: v for k, v in inputs.items() if k not in ("original_sizes", "reshaped_input_sizes")})
+    actual = ours(**inputs)
+    assert _relative_error(expected.pred_masks, actual.pred_masks) < 1e-4
+    masks = processor.post_process_masks(actual.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+    assert masks[0].shape == (1, 3, street_photo.height, street_photo.width)

@@ -114,6 +114,8 @@ class SamModel(PretrainedModel):
         input_masks: torch.Tensor | None = None,
         image_embeddings: torch.Tensor | None = None,
         multimask_output: bool = True,
+        original_sizes: torch.Tensor | None = None,
+        reshaped_input_sizes: torch.Tensor | None = None,
     ) -> SamImageSegmentationOutput:
         """Masks for the prompts of each image.
 
@@ -127,6 +129,9 @@ class SamModel(PretrainedModel):
             input_boxes: ``[B, P, 4]`` ``x0, y0, x1, y1`` in pixels of the resized image.
             input_masks: ``[B, 1, 4G, 4G]`` mask logits as a dense prompt.
             multimask_output: three masks per prompt (True) or one.
+            original_sizes, reshaped_input_sizes: what the processor returns beside the
+                model inputs (for ``post_process_masks``); accepted so that
+                ``model(**processor(...))`` works, and not used.
         """
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError("pass exactly one of pixel_values and image_embeddings")
