@@ -14,6 +14,7 @@ relative positions and absolute positions at zero).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,68 @@ def build_reference_sam(directory: str | Path, *, seed: int = 0, perturb: float 
     model.save_pretrained(directory)
     reference_sam_processor(config.vision_config.image_size).save_pretrained(directory)
     return directory
+
+
+def reference_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression from its definition, one box at a time.
+
+    Boxes ``[K, 4]`` as ``x0, y0, x1, y1``; in order of decreasing score (ties: lower
+    index first), a box is kept unless its IoU with a kept box exceeds ``iou_threshold``.
+    Returns the kept indices in that order (what ``torchvision.ops.nms`` returns).
+    """
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    boxes = boxes.tolist()
+
+    def iou(a: list[float], b: list[float]) -> float:
+        width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = width * height
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    kept: list[int] = []
+    for i in order:
+        if all(iou(boxes[i], boxes[j]) <= iou_threshold for j in kept):
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.int64)
+
+
+def reference_batched_nms(boxes, scores, idxs, iou_threshold):
+    """``torchvision.ops.batched_nms`` from its definition: NMS within each ``idxs`` class."""
+    kept = []
+    for value in torch.unique(idxs).tolist():
+        members = (idxs == value).nonzero().flatten()
+        kept.extend(members[reference_nms(boxes[members], scores[members], iou_threshold)].tolist())
+    kept = torch.tensor(kept, dtype=torch.int64)
+    return kept[torch.argsort(-scores[kept], stable=True)]
+
+
+@contextlib.contextmanager
+def torchvision_nms_for_reference():
+    """Let the reference's mask-generation post-processing run without torchvision (no CPU
+    wheel here): it imports ``torchvision.ops.boxes.batched_nms``, which this provides
+    (:func:`reference_batched_nms`) while the context is active, and its availability
+    check is bypassed (the checked method's own code runs)."""
+    import sys
+    import types
+
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    checked = SamImageProcessorPil.__dict__["post_process_for_mask_generation"]
+
+    names = ("torchvision", "torchvision.ops", "torchvision.ops.boxes")
+    saved = {name: sys.modules.get(name) for name in names}
+    package, ops, boxes = (types.ModuleType(name) for name in names)
+    boxes.batched_nms = reference_batched_nms
+    package.ops, ops.boxes = ops, boxes
+    sys.modules.update(dict(zip(names, (package, ops, boxes))))
+    SamImageProcessorPil.post_process_for_mask_generation = checked.__wrapped__
+    try:
+        yield
+    finally:
+        SamImageProcessorPil.post_process_for_mask_generation = checked
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

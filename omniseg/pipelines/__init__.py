@@ -9,7 +9,7 @@ import torch
 
 from omniseg.errors import ModelNotFoundError
 
-TASKS = ("image-segmentation",)
+TASKS = ("image-segmentation", "mask-generation")
 
 
 def pipeline(
@@ -21,17 +21,26 @@ def pipeline(
     """Build the pipeline for ``task``.
 
     Args:
-        task: ``"image-segmentation"``.
-        model: a checkpoint directory or hub id; ``None`` picks the bundled default model.
+        task: ``"image-segmentation"`` or ``"mask-generation"`` (Segment Anything).
+        model: a checkpoint directory or hub id; ``None`` picks the bundled default model
+            (``image-segmentation`` only).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
         kwargs: passed to the pipeline class (for example ``max_pixels``).
     """
     if task == "image-segmentation":
         from omniseg.pipelines.image_segmentation import ImageSegmentationPipeline
 
-        return ImageSegmentationPipeline.from_pretrained(
-            _model_or_default(model), device=device, **kwargs
-        )
+        model = _model_or_default(model)
+        _reject_mask_generation_model(model)
+        return ImageSegmentationPipeline.from_pretrained(model, device=device, **kwargs)
+    if task == "mask-generation":
+        from omniseg.pipelines.mask_generation import MaskGenerationPipeline
+
+        if model is None:
+            raise ModelNotFoundError(
+                "<default model>", "mask-generation has no bundled model; pass model= a SAM checkpoint"
+            )
+        return MaskGenerationPipeline.from_pretrained(model, device=device, **kwargs)
     raise ValueError(f"unknown task {task!r}; supported tasks: {', '.join(TASKS)}")
 
 
@@ -48,3 +57,18 @@ def _model_or_default(model: str | Path | None) -> str | Path:
             "directory or hub id (for example a Mask2Former or SegFormer checkpoint)",
         )
     return directory
+
+
+def _reject_mask_generation_model(model: str | Path) -> None:
+    """A Segment Anything checkpoint has no classes to segment by: say so up front."""
+    from omniseg.errors import UnsupportedModelError
+    from omniseg.hub import resolve_model_dir
+    from omniseg.models.auto import model_type_of
+
+    directory = resolve_model_dir(model)
+    if model_type_of(directory) == "sam":
+        raise UnsupportedModelError(
+            directory / "config.json",
+            "model_type 'sam' (Segment Anything) is a mask-generation model; use "
+            "pipeline('mask-generation', ...) or omniseg segment --task everything",
+        )
