@@ -29,7 +29,7 @@ from omniseg.io.results import (
 FORMATS = ("png", "json", "coco")
 ERRORS_FILE = "errors.jsonl"
 COCO_FILE = "coco_results.json"
-TASKS = ("auto", "semantic", "instance", "panoptic")
+TASKS = ("auto", "semantic", "instance", "panoptic", "everything")
 
 DESCRIPTION = "Segment images (files or whole folders) and write the results per image."
 EPILOG = f"""\
@@ -56,6 +56,14 @@ the same model and task (the JSON is written last, atomically, so a finished ima
 never half written); other images are (re)done. A file that cannot be read
 or segmented does not stop the batch: it is listed in OUT/{ERRORS_FILE} (one JSON line
 per file: {{"file", "error", "reason"}}; rewritten by each run).
+
+Segment Anything models (--task everything, or --points / --box): STEM.json lists the
+masks (label mask_N, numbered by decreasing score; score = predicted IoU; COCO RLE),
+STEM_labels.png holds the mask number per pixel, the overlay one colour per mask.
+  --task everything   every mask in the image (the mask-generation pipeline; --threshold
+                      is its minimum predicted IoU, default 0.88)
+  --points "x,y;x,y"  the three candidate masks of one prompt of these points (pixels of
+  --box x0,y0,x1,y1   the original image; points and box may be combined)
 
 exit status: 0 all images done, 1 some input failed, 2 usage error (bad arguments,
 no model, model cannot be loaded).
@@ -87,7 +95,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="model directory or hub id (required unless a default model is bundled)")
     parser.add_argument("--task", choices=TASKS, default="auto",
                         help="subtask; auto = panoptic, else instance, else semantic, "
-                             "by what the model supports (default: auto)")
+                             "by what the model supports (default: auto); everything = "
+                             "all masks of a Segment Anything model")
+    parser.add_argument("--points", type=_sam_points, metavar='"x,y;x,y"',
+                        help="Segment Anything: masks for one prompt of these points (foreground)")
+    parser.add_argument("--box", type=_sam_box, metavar="x0,y0,x1,y1",
+                        help="Segment Anything: masks for this box (with --points: both)")
     parser.add_argument("--threshold", type=_probability, metavar="F",
                         help="minimum score of a kept segment, instance/panoptic "
                              "(default: the pipeline's, 0.9)")
@@ -130,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         task = seg.resolve_subtask(subtask)
     except ValueError as exc:
         return _usage_error(args, f"--task {args.task}: {exc}")
-    id2label = seg.model.config.id2label
+    id2label = seg.id2label
 
     items = _collect(args.inputs, out)
     if not items:
@@ -225,6 +238,8 @@ def _load_pipeline(args: argparse.Namespace):
     """The pipeline, or an exit status when the model is missing or unusable."""
     import omniseg
 
+    if getattr(args, "task", None) == "everything" or getattr(args, "points", None) or getattr(args, "box", None):
+        return _load_mask_segmenter(args)
     try:
         return omniseg.pipeline("image-segmentation", model=args.model, device=args.device)
     except ModelNotFoundError as exc:
@@ -234,6 +249,20 @@ def _load_pipeline(args: argparse.Namespace):
                 "with a checkpoint directory or hub id"
             )
         return _usage_error(args, f"--model: {exc}")
+    except (OmnisegError, OSError, ValueError) as exc:
+        return _usage_error(args, f"--model {args.model}: cannot load the model: {exc}")
+
+
+def _load_mask_segmenter(args: argparse.Namespace):
+    """The Segment Anything segmenter, or an exit status (see _load_pipeline)."""
+    from omniseg.cli.segment_everything import MaskSegmenter
+
+    if args.model is None:
+        return _usage_error(args, "--task everything / --points / --box need --model with a Segment Anything checkpoint")
+    if args.task not in ("auto", "everything"):
+        return _usage_error(args, f"--points / --box give Segment Anything masks; --task {args.task} does not apply")
+    try:
+        return MaskSegmenter(args.model, device=args.device, points=args.points, box=args.box)
     except (OmnisegError, OSError, ValueError) as exc:
         return _usage_error(args, f"--model {args.model}: cannot load the model: {exc}")
 
@@ -428,3 +457,15 @@ def _device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def _sam_points(text: str) -> list[list[float]]:
+    from omniseg.cli.segment_everything import parse_points
+
+    return parse_points(text)
+
+
+def _sam_box(text: str) -> list[float]:
+    from omniseg.cli.segment_everything import parse_box
+
+    return parse_box(text)
