@@ -143,3 +143,16 @@ def test_processor_outputs_go_straight_into_the_model(sam_pair, street_photo) ->
     assert _relative_error(expected.pred_masks, actual.pred_masks) < 1e-4
     masks = processor.post_process_masks(actual.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
     assert masks[0].shape == (1, 3, street_photo.height, street_photo.width)
+
+
+@torch.no_grad()
+def test_global_attention_in_query_blocks_matches_reference(sam_pair, monkeypatch) -> None:
+    """Global layers attend in blocks of grid rows; blocks of one or two rows give the
+    reference's embeddings too."""
+    from omniseg.models.sam import vision_encoder
+
+    name, _, reference, ours = sam_pair
+    monkeypatch.setattr(vision_encoder, "QUERY_BLOCK", 20)
+    size = TINY_SAM_CONFIGS[name]["image_size"]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4))
+    assert _relative_error(reference.get_image_embeddings(pixels), ours.get_image_embeddings(pixels)) < 1e-4

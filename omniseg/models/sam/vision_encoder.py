@@ -21,6 +21,10 @@ from omniseg.models.segformer.encoder import activation
 from omniseg.ops.linear import Linear, linear, linear_and_activation
 
 
+# Queries per block of global attention (see SamVisionAttention.attend).
+QUERY_BLOCK = 1024
+
+
 class SamPatchEmbeddings(nn.Module):
     """Non-overlapping ``patch_size`` convolution: ``[B, 3, S, S] -> [B, G, G, hidden]``."""
 
@@ -76,42 +80,68 @@ class SamVisionAttention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
 
-    def relative_position_bias(self, query: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """``query [B * heads, h * w, D]`` -> additive logits ``[B * heads, h * w, h * w]``."""
-        rows = relative_positions(height, self.rel_pos_h)  # [h, h, D]
-        cols = relative_positions(width, self.rel_pos_w)  # [w, w, D]
-        grid = query.unflatten(1, (height, width))  # [BH, h, w, D]
-        # Per query row i: [BH * w, D] @ [D, h] -> the row offsets' logits (a batched matmul
-        # over the rows, with no [h, w, h, D] intermediate).
-        rel_h = torch.matmul(grid.transpose(0, 1), rows.transpose(1, 2)[:, None]).transpose(0, 1)  # [BH, h, w, h]
-        rel_w = torch.matmul(grid.permute(2, 0, 1, 3), cols.transpose(1, 2)[:, None]).permute(1, 2, 0, 3)  # [BH, h, w, w]
-        bias = rel_h[..., :, None] + rel_w[..., None, :]  # [BH, h, w, h, w]
+    def relative_position_bias(self, query: torch.Tensor, rows: slice, height: int, width: int) -> torch.Tensor:
+        """Additive logits of the queries in grid rows ``rows``: ``query [BH, r, w, D]`` ->
+        ``[BH, r * w, h * w]``."""
+        row_table = relative_positions(height, self.rel_pos_h)[rows]  # [r, h, D]
+        col_table = relative_positions(width, self.rel_pos_w)  # [w, w, D]
+        # Per query row: [BH * w, D] @ [D, h] -> the row offsets' logits (a batched matmul
+        # over the rows, with no [h, w, h, D] intermediate); likewise per query column.
+        rel_h = torch.matmul(query.transpose(0, 1), row_table.transpose(1, 2)[:, None]).transpose(0, 1)
+        rel_w = torch.matmul(query.permute(2, 0, 1, 3), col_table.transpose(1, 2)[:, None]).permute(1, 2, 0, 3)
+        bias = rel_h[..., :, None] + rel_w[..., None, :]  # [BH, r, w, h, w]
         return bias.flatten(3).flatten(1, 2)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = hidden.shape
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from projected ``qkv [B, h, w, 3C]`` to ``[B, h, w, C]`` (before ``proj``).
+
+        Queries go in blocks of grid rows (about 1024 tokens): the relative-position
+        logits of a global layer, ``heads x N x N`` (800 MB for ViT-B), then exist one
+        block at a time. Each query's softmax is its own, so the answer is the same.
+        """
+        batch, height, width, _ = qkv.shape
         tokens = height * width
-        qkv = self.qkv(hidden).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.unbind(0)  # [B, heads, N, D]
-        bias = None
-        if self.use_rel_pos:
-            bias = self.relative_position_bias(query.flatten(0, 1), height, width)
-            bias = bias.view(batch, self.num_heads, tokens, tokens)
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )
-        attended = attended.transpose(1, 2).reshape(batch, height, width, channels)
-        return self.proj(attended)
+        split = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = split.unbind(0)  # [B, heads, N, D]
+        dropout = self.dropout if self.training else 0.0
+        if not self.use_rel_pos:
+            attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+        else:
+            grid = query.reshape(batch * self.num_heads, height, width, self.head_dim)
+            block = max(1, QUERY_BLOCK // width)
+            parts = []
+            for first in range(0, height, block):
+                rows = slice(first, min(first + block, height))
+                bias = self.relative_position_bias(grid[:, rows], rows, height, width)
+                bias = bias.view(batch, self.num_heads, -1, tokens)
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        query[:, :, rows.start * width : rows.stop * width], key, value, attn_mask=bias, dropout_p=dropout
+                    )
+                )
+            attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return attended.transpose(1, 2).reshape(batch, height, width, -1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w, C] -> [B, h, w, C]``."""
+        return self.proj(self.attend(self.qkv(hidden)))
 
 
-def window_partition(hidden: torch.Tensor, window: int) -> tuple[torch.Tensor, int, int]:
-    """``[B, H, W, C]`` -> ``[B * nH * nW, window, window, C]`` (zero-padded to multiples of
-    ``window`` at the bottom and right), and the padded ``(H, W)``."""
+def window_partition(
+    hidden: torch.Tensor, window: int, *, fill: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int, int]:
+    """``[B, H, W, C]`` -> ``[B * nH * nW, window, window, C]`` (padded at the bottom and
+    right to multiples of ``window`` with the vector ``fill [C]``, or zeros), and the padded
+    ``(H, W)``."""
     batch, height, width, channels = hidden.shape
     pad_h = (window - height % window) % window
     pad_w = (window - width % window) % window
     if pad_h or pad_w:
-        hidden = F.pad(hidden, (0, 0, 0, pad_w, 0, pad_h))
+        padded = hidden.new_zeros(batch, height + pad_h, width + pad_w, channels)
+        if fill is not None:
+            padded.copy_(fill.expand_as(padded))
+        padded[:, :height, :width] = hidden
+        hidden = padded
     padded_h, padded_w = height + pad_h, width + pad_w
     windows = hidden.view(batch, padded_h // window, window, padded_w // window, window, channels)
     return windows.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, channels), padded_h, padded_w
@@ -158,16 +188,20 @@ class SamVisionLayer(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        normed = self.layer_norm1(hidden)
+        qkv = self.attn.qkv(self.layer_norm1(hidden))
         if self.window_size > 0:
+            # The reference pads the normed tokens with zeros and projects the padding too;
+            # a zero token's projection is the bias, so the padding is the bias here, and
+            # the output projection runs on the real tokens only (20% fewer rows for ViT-B:
+            # a 64x64 grid pads to 70x70 for windows of 14).
             height, width = hidden.shape[1:3]
-            windows, padded_h, padded_w = window_partition(normed, self.window_size)
+            windows, padded_h, padded_w = window_partition(qkv, self.window_size, fill=self.attn.qkv.bias)
             attended = window_unpartition(
-                self.attn(windows), self.window_size, (padded_h, padded_w), (height, width)
+                self.attn.attend(windows), self.window_size, (padded_h, padded_w), (height, width)
             )
         else:
-            attended = self.attn(normed)
-        hidden = hidden + attended
+            attended = self.attn.attend(qkv)
+        hidden = hidden + self.attn.proj(attended)
         return hidden + self.mlp(self.layer_norm2(hidden))
 
 
