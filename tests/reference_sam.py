@@ -35,7 +35,7 @@ TINY_SAM_CONFIGS: dict[str, dict[str, Any]] = {
         global_attn_indexes=(1,),
         hidden=32,
         decoder_layers=2,
-        decoder_heads=2,
+        decoder_heads=1,
     ),
     "deep": dict(
         image_size=96,

@@ -156,3 +156,41 @@ def test_global_attention_in_query_blocks_matches_reference(sam_pair, monkeypatc
     size = TINY_SAM_CONFIGS[name]["image_size"]
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4))
     assert _relative_error(reference.get_image_embeddings(pixels), ours.get_image_embeddings(pixels)) < 1e-4
+
+
+@torch.no_grad()
+def test_folded_decoder_attention_matches_plain_attention(sam_pair, monkeypatch) -> None:
+    """The decoder's attention between a prompt's few tokens and its own image tokens moves
+    the projections to the few tokens' side; the plain path gives the same masks."""
+    from omniseg.models.sam.mask_decoder import SamAttention
+
+    name, _, _, ours = sam_pair
+    size = TINY_SAM_CONFIGS[name]["image_size"]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(5))
+    points = torch.tensor([[[[size / 4, size / 5]], [[size / 2, size / 3]]]])
+    calls = []
+    for method in ("_few_queries", "_few_keys"):
+        original = getattr(SamAttention, method)
+
+        def counted(self, *args, _original=original, _name=method):
+            calls.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(SamAttention, method, counted)
+    folded = ours(pixel_values=pixels, input_points=points)
+    assert "_few_queries" in calls and "_few_keys" in calls
+    monkeypatch.setattr(SamAttention, "_few_queries", lambda self, *a: pytest.fail("folded path taken"))
+    monkeypatch.setattr(SamAttention, "_few_keys", lambda self, *a: pytest.fail("folded path taken"))
+    monkeypatch.setattr(SamAttention, "forward", _plain_attention)
+    plain = ours(pixel_values=pixels, input_points=points)
+    assert _relative_error(plain.pred_masks, folded.pred_masks) < 1e-5
+    torch.testing.assert_close(folded.iou_scores, plain.iou_scores, rtol=1e-5, atol=1e-6)
+
+
+def _plain_attention(self, query, key, value):
+    prompts = max(query.shape[1], key.shape[1], value.shape[1])
+    q = self._heads(self.q_proj(query), prompts)
+    k = self._heads(self.k_proj(key), prompts)
+    v = self._heads(self.v_proj(value), prompts)
+    attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+    return self.out_proj(attended.transpose(2, 3).flatten(3))

@@ -48,11 +48,66 @@ class SamAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         prompts = max(query.shape[1], key.shape[1], value.shape[1])
+        few_query_heads = query.shape[-2] * self.num_heads
+        few_key_heads = key.shape[-2] * self.num_heads
+        internal = self.num_heads * self.head_dim
+        # Between a prompt's few tokens and its own image tokens, attention is cheaper with
+        # the projections moved onto the few tokens' side (see the two methods). Image
+        # tokens shared by all prompts (axis of 1) are projected once instead.
+        if query.shape[1] == prompts and key.shape[1] == prompts:
+            if few_query_heads < internal and key.shape[-2] > query.shape[-2]:
+                return self._few_queries(query, key, value)
+            if few_key_heads < internal and query.shape[-2] > key.shape[-2]:
+                return self._few_keys(query, key, value)
         q = self._heads(self.q_proj(query), prompts)
         k = self._heads(self.k_proj(key), prompts)
         v = self._heads(self.v_proj(value), prompts)
         attended = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.out_proj(attended.transpose(2, 3).flatten(3))
+
+    def _per_head(self, weight: torch.Tensor) -> torch.Tensor:
+        # a projection's [internal, C] weight as [heads, head_dim, C]
+        return weight.view(self.num_heads, self.head_dim, -1)
+
+    def _few_queries(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Few queries ``[B, P, n, C]`` attending to many keys ``[B, P, N, C]``.
+
+        ``q . (Wk key + bk) = (Wk^T q) . key + q . bk``: the last term is the same for every
+        key of a query and cancels in the softmax, and ``softmax . (Wv value + bv) =
+        Wv (softmax . value) + bv`` (the weights sum to 1). So the keys and values are never
+        projected: ``heads x n`` (56 for SAM) products with the ``C``-wide image tokens
+        replace two ``C -> C/2`` (128) projections of all of them.
+        """
+        batch, prompts, count, _ = query.shape
+        q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)  # [B, P, h, n, d]
+        folded = torch.einsum("bphnd,hdc->bphnc", q, self._per_head(self.k_proj.weight))
+        logits = torch.matmul(folded.flatten(2, 3), key.transpose(-1, -2)) * self.head_dim**-0.5  # [B, P, h*n, N]
+        context = torch.matmul(logits.softmax(dim=-1), value).unflatten(2, (self.num_heads, count))  # [B, P, h, n, C]
+        attended = torch.einsum("bphnc,hdc->bphnd", context, self._per_head(self.v_proj.weight))
+        attended = attended + self.v_proj.bias.view(self.num_heads, 1, self.head_dim)
+        return self.out_proj(attended.transpose(2, 3).flatten(3))
+
+    def _few_keys(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Many queries ``[B, P, N, C]`` attending to few keys ``[B, P, m, C]``.
+
+        ``(Wq query + bq) . k = query . (Wq^T k) + bq . k`` and the output projection of
+        ``softmax . v`` is ``softmax . (Wo v)``: the queries are never projected and the
+        attended values never are either; ``heads x m`` products per image token replace
+        the ``C -> C/2`` query projection and the ``C/2 -> C`` output projection.
+        """
+        batch, prompts, count, channels = key.shape
+        k = self.k_proj(key).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)  # [B, P, h, m, d]
+        v = self.v_proj(value).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)
+        q_weight = self._per_head(self.q_proj.weight)  # [h, d, C]
+        folded = torch.einsum("bphmd,hdc->bphmc", k, q_weight).flatten(2, 3)  # [B, P, h*m, C]
+        offsets = torch.einsum("bphmd,hd->bphm", k, self.q_proj.bias.view(self.num_heads, self.head_dim))
+        logits = torch.matmul(query, folded.transpose(-1, -2)) + offsets.flatten(2)[:, :, None]  # [B, P, N, h*m]
+        logits = logits * self.head_dim**-0.5
+        weights = logits.unflatten(-1, (self.num_heads, count)).softmax(dim=-1).flatten(-2)
+        # out_proj.weight [C, internal] per head: [C, h, d]
+        out_weight = self.out_proj.weight.view(channels, self.num_heads, self.head_dim)
+        projected_values = torch.einsum("bphmd,chd->bphmc", v, out_weight).flatten(2, 3)  # [B, P, h*m, C]
+        return torch.matmul(weights, projected_values) + self.out_proj.bias
 
 
 class SamTwoWayAttentionBlock(nn.Module):
