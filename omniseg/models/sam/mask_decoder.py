@@ -51,14 +51,12 @@ class SamAttention(nn.Module):
         few_query_heads = query.shape[-2] * self.num_heads
         few_key_heads = key.shape[-2] * self.num_heads
         internal = self.num_heads * self.head_dim
-        # Between a prompt's few tokens and its own image tokens, attention is cheaper with
-        # the projections moved onto the few tokens' side (see the two methods). Image
-        # tokens shared by all prompts (axis of 1) are projected once instead.
-        if query.shape[1] == prompts and key.shape[1] == prompts:
-            if few_query_heads < internal and key.shape[-2] > query.shape[-2]:
-                return self._few_queries(query, key, value)
-            if few_key_heads < internal and query.shape[-2] > key.shape[-2]:
-                return self._few_keys(query, key, value)
+        # Between a prompt's few tokens and the image tokens, attention is cheaper with the
+        # projections moved onto the few tokens' side (see the two methods).
+        if few_query_heads < internal and key.shape[-2] > query.shape[-2]:
+            return self._few_queries(query, key, value)
+        if few_key_heads < internal and query.shape[-2] > key.shape[-2]:
+            return self._few_keys(query, key, value)
         q = self._heads(self.q_proj(query), prompts)
         k = self._heads(self.k_proj(key), prompts)
         v = self._heads(self.v_proj(value), prompts)
@@ -80,9 +78,9 @@ class SamAttention(nn.Module):
         """
         batch, prompts, count, _ = query.shape
         q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)  # [B, P, h, n, d]
-        folded = torch.einsum("bphnd,hdc->bphnc", q, self._per_head(self.k_proj.weight))
-        logits = torch.matmul(folded.flatten(2, 3), key.transpose(-1, -2)) * self.head_dim**-0.5  # [B, P, h*n, N]
-        context = torch.matmul(logits.softmax(dim=-1), value).unflatten(2, (self.num_heads, count))  # [B, P, h, n, C]
+        folded = torch.einsum("bphnd,hdc->bphnc", q, self._per_head(self.k_proj.weight)).flatten(2, 3)
+        logits = _batched_matmul(folded, key.transpose(-1, -2)) * self.head_dim**-0.5  # [B, P, h*n, N]
+        context = _batched_matmul(logits.softmax(dim=-1), value).unflatten(2, (self.num_heads, count))  # [B, P, h, n, C]
         attended = torch.einsum("bphnc,hdc->bphnd", context, self._per_head(self.v_proj.weight))
         attended = attended + self.v_proj.bias.view(self.num_heads, 1, self.head_dim)
         return self.out_proj(attended.transpose(2, 3).flatten(3))
@@ -101,13 +99,24 @@ class SamAttention(nn.Module):
         q_weight = self._per_head(self.q_proj.weight)  # [h, d, C]
         folded = torch.einsum("bphmd,hdc->bphmc", k, q_weight).flatten(2, 3)  # [B, P, h*m, C]
         offsets = torch.einsum("bphmd,hd->bphm", k, self.q_proj.bias.view(self.num_heads, self.head_dim))
-        logits = torch.matmul(query, folded.transpose(-1, -2)) + offsets.flatten(2)[:, :, None]  # [B, P, N, h*m]
+        # Logits laid out [B, P, h*m, N]: the softmax over a head's m keys then runs along
+        # the contiguous image axis (a softmax over a last axis of 7 is slow).
+        logits = _batched_matmul(folded, query.transpose(-1, -2)) + offsets.flatten(2)[..., None]
         logits = logits * self.head_dim**-0.5
-        weights = logits.unflatten(-1, (self.num_heads, count)).softmax(dim=-1).flatten(-2)
+        weights = logits.unflatten(2, (self.num_heads, count)).softmax(dim=3).flatten(2, 3)  # [B, P, h*m, N]
         # out_proj.weight [C, internal] per head: [C, h, d]
         out_weight = self.out_proj.weight.view(channels, self.num_heads, self.head_dim)
         projected_values = torch.einsum("bphmd,chd->bphmc", v, out_weight).flatten(2, 3)  # [B, P, h*m, C]
-        return torch.matmul(weights, projected_values) + self.out_proj.bias
+        return torch.matmul(weights.transpose(-1, -2), projected_values) + self.out_proj.bias
+
+
+def _batched_matmul(few: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
+    """``few [B, P, a, b] @ many [B, P or 1, b, c]``; when ``many`` is shared by the prompts
+    (axis of 1), one product of all prompts' rows with it, without copying it P times."""
+    if many.shape[1] == 1 and few.shape[1] > 1:
+        batch, prompts, rows, _ = few.shape
+        return torch.matmul(few.reshape(batch, prompts * rows, -1), many[:, 0]).view(batch, prompts, rows, -1)
+    return torch.matmul(few, many)
 
 
 class SamTwoWayAttentionBlock(nn.Module):
