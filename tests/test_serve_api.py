@@ -382,3 +382,57 @@ def test_a_semantic_only_model_refuses_other_tasks(tmp_path, photos):
         assert "'panoptic' is not supported" in refused.json()["message"]
         auto = _post(client, photos[0][1])
         assert auto.status_code == 200 and auto.json()["task"] == "semantic"
+
+
+# --- Segment Anything ----------------------------------------------------------------------
+
+
+def test_mask_generation_answers_equal_omniseg_segment_everything(model_dir, photos, tmp_path):
+    """A SAM model is served on /v1/mask-generation: its json and overlay answers are the
+    bytes that ``omniseg segment --task everything`` writes; each route refuses the other's
+    models with a message that names the right one, and no SAM model at all is a 404."""
+    from reference_sam import TINY_SAM_CONFIGS, build_reference_sam
+
+    sam_dir = build_reference_sam(tmp_path / "sam", perturb=0.3, **TINY_SAM_CONFIGS["deep"])
+    registry = ModelRegistry.load([str(model_dir), str(sam_dir)], max_pixels=MAX_PIXELS)
+    sam_name = str(sam_dir)
+    name, data = photos[1]
+    (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / name), "--out", str(out), "--model", sam_name,
+                 "--task", "everything", "--threshold", "0.5"]) == 0
+    app = create_app(registry, workers=1, queue_size=2, max_upload_bytes=1_000_000)
+    with TestClient(app) as client:
+        kinds = {m["name"]: (m["kind"], m["tasks"]) for m in client.get("/v1/models").json()["models"]}
+        assert kinds[sam_name] == ("mask-generation", ["everything"])
+        assert kinds[str(model_dir)][0] == "image-segmentation"
+        fields = {"threshold": "0.5", "model": sam_name}
+        answer = client.post("/v1/mask-generation", files={"image": (name, data, "image/png")}, data=fields)
+        assert answer.status_code == 200, answer.text
+        document = answer.json()
+        expected = json.loads((out / "crop1.json").read_text())
+        assert document["segments"] == expected["segments"] and len(document["segments"]) > 0
+        assert document["task"] == "everything"
+        overlay = client.post("/v1/mask-generation", files={"image": (name, data, "image/png")},
+                              data={**fields, "format": "overlay"})
+        assert overlay.content == (out / "crop1_overlay.png").read_bytes()
+        # Without a model name, the first SAM model answers.
+        default = client.post("/v1/mask-generation", files={"image": (name, data, "image/png")},
+                              data={"threshold": "0.5"})
+        assert default.json()["segments"] == expected["segments"]
+
+        wrong = client.post("/v1/segment", files={"image": (name, data, "image/png")}, data={"model": sam_name})
+        assert wrong.status_code == 400 and "/v1/mask-generation" in wrong.json()["message"]
+        wrong = client.post("/v1/mask-generation", files={"image": (name, data, "image/png")},
+                            data={"model": str(model_dir)})
+        assert wrong.status_code == 400 and "/v1/segment" in wrong.json()["message"]
+        wrong = client.post("/v1/mask-generation", files={"image": (name, data, "image/png")},
+                            data={"model": sam_name, "task": "panoptic"})
+        assert wrong.status_code == 400 and "everything" in wrong.json()["message"]
+        assert "/v1/mask-generation" in client.get("/openapi.json").json()["paths"]
+        assert client.get("/healthz").status_code == 200  # still serving
+
+    only_classes = ModelRegistry.load([str(model_dir)], max_pixels=MAX_PIXELS)
+    with TestClient(create_app(only_classes)) as client:
+        missing = client.post("/v1/mask-generation", files={"image": (name, data, "image/png")})
+        assert missing.status_code == 404 and "no mask-generation model" in missing.json()["message"]

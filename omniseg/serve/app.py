@@ -1,6 +1,7 @@
 """The web service: ``create_app`` builds the FastAPI app around loaded models.
 
-Routes: ``POST /v1/segment``, ``GET /v1/models``, ``GET /healthz``, the page at ``/`` with
+Routes: ``POST /v1/segment``, ``POST /v1/mask-generation`` (Segment Anything models),
+``GET /v1/models``, ``GET /healthz``, the page at ``/`` with
 its files under ``/static/``, and the OpenAPI page at ``/docs``. Every error is answered as
 JSON ``{"error": type, "message": text}`` with its HTTP status, never with a stack trace.
 """
@@ -23,8 +24,8 @@ from omniseg.errors import InputError
 from omniseg.serve.errors import BadParameterError, InferenceError, ServiceError
 from omniseg.serve.limits import BodySizeLimit
 from omniseg.serve.pool import InferencePool
-from omniseg.serve.registry import ModelRegistry
-from omniseg.serve.requests import FORMATS, TASKS, read_segment_request
+from omniseg.serve.registry import ModelRegistry, ServedModel
+from omniseg.serve.requests import FORMATS, TASKS, SegmentRequest, read_segment_request
 from omniseg.serve.segment import segment
 
 logger = logging.getLogger(__name__)
@@ -170,20 +171,48 @@ def create_app(
         async with pool.slot() as slot:
             parsed = await read_segment_request(request, max_image_bytes=max_upload_bytes)
             model = registry.get(parsed.model)
+            if model.kind != "image-segmentation":
+                raise BadParameterError(
+                    f"model {model.name!r} is a Segment Anything model (masks, not classes): "
+                    "POST the image to /v1/mask-generation"
+                )
             try:
                 task = model.pipeline.resolve_subtask(None if parsed.task == "auto" else parsed.task)
             except ValueError as exc:
                 raise BadParameterError(f"task: {exc} (model {model.name!r})") from None
-            try:
-                answer = await slot.run(segment, model, parsed, task)
-            except InputError:
-                raise
-            except Exception as exc:
-                logger.exception("segmenting %s with %s failed", parsed.filename, model.name)
-                raise InferenceError(
-                    f"segmenting {parsed.filename} with {model.name!r} failed "
-                    f"({type(exc).__name__}); the server log has the details"
-                ) from exc
+            return await _answer(slot, model, parsed, task)
+
+    @app.post(
+        "/v1/mask-generation",
+        summary="Every mask in one image (Segment Anything models)",
+        openapi_extra={"requestBody": _SEGMENT_BODY},
+        responses=_SEGMENT_RESPONSES,
+        response_class=Response,
+    )
+    async def generate_masks(request: Request) -> Response:
+        async with pool.slot() as slot:
+            parsed = await read_segment_request(request, max_image_bytes=max_upload_bytes)
+            model = registry.get(parsed.model, kind="mask-generation")
+            if model.kind != "mask-generation":
+                raise BadParameterError(
+                    f"model {model.name!r} is not a Segment Anything model: POST the image to /v1/segment"
+                )
+            if parsed.task not in ("auto", "everything"):
+                raise BadParameterError(f"task: mask generation gives every mask (task everything), not {parsed.task}")
+            return await _answer(slot, model, parsed, "everything")
+
+    async def _answer(slot: Any, model: ServedModel, parsed: SegmentRequest, task: str) -> Response:
+        """Run the request's job on the slot's worker thread and wrap its bytes."""
+        try:
+            answer = await slot.run(segment, model, parsed, task)
+        except InputError:
+            raise
+        except Exception as exc:
+            logger.exception("segmenting %s with %s failed", parsed.filename, model.name)
+            raise InferenceError(
+                f"segmenting {parsed.filename} with {model.name!r} failed "
+                f"({type(exc).__name__}); the server log has the details"
+            ) from exc
         return Response(
             answer.body,
             media_type=answer.media_type,

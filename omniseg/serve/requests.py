@@ -14,7 +14,8 @@ from starlette.requests import Request
 
 from omniseg.serve.errors import BadParameterError, PayloadTooLargeError, UnsupportedMediaTypeError
 
-TASKS = ("auto", "panoptic", "instance", "semantic")
+# "everything": every mask of a Segment Anything model (POST /v1/mask-generation).
+TASKS = ("auto", "panoptic", "instance", "semantic", "everything")
 # json: the per-image document of ``omniseg segment``; coco: that image as a COCO file;
 # png: the label map (class id per pixel); overlay: the picture with segments and legend.
 FORMATS = ("json", "coco", "png", "overlay")

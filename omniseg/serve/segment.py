@@ -40,12 +40,9 @@ def segment(model: ServedModel, request: SegmentRequest, task: str) -> Answer:
     Raises:
         InputError: the image cannot be decoded, is too large, or cannot become RGB.
     """
-    pipeline = model.pipeline
-    image = load_image_bytes(request.image, name=request.filename, max_pixels=pipeline.max_pixels)
-    options = {} if request.threshold is None else {"threshold": request.threshold}
-    segmentation = pipeline.predict([image], subtask=task, **options)[0]
-    segments = pipeline.to_annotations(segmentation)
-    id2label = pipeline.id2label
+    image = load_image_bytes(request.image, name=request.filename, max_pixels=model.max_pixels)
+    segments = model.segments(image, task, request.threshold)
+    id2label = model.pipeline.id2label
     name = _download_name(request.filename, _SUFFIXES[request.format])
 
     if request.format == "png":
