@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from omniseg.cli import argtypes
 from omniseg.errors import InputError, ModelNotFoundError, OmnisegError
 from omniseg.io.atomic import atomic_write_bytes, atomic_write_text
 
@@ -68,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--groups", metavar="G[,G]", help="with --group-by: the groups to evaluate")
     parser.add_argument("--task", choices=TASKS, default="semantic", help="what to evaluate (default: semantic)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ./evaluation-SPLIT)")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="N",
+    parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=4, metavar="N",
                         help="images per forward pass (default: 4)")
     parser.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--ignore-index", type=int, metavar="I",
@@ -79,7 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="countable classes, names or ids (default: the README's), for instance/panoptic")
     parser.add_argument("--threshold", type=float, metavar="F",
                         help="minimum segment score (default: 0.05 instance, 0.8 panoptic)")
-    parser.add_argument("--max-images", type=_positive_int, metavar="N", help="evaluate the first N images only")
+    parser.add_argument("--max-images", type=argtypes.integer(minimum=1), metavar="N",
+                        help="evaluate the first N images only")
     parser.add_argument("--examples", type=int, default=4, metavar="K",
                         help="ground truth / prediction pictures to draw (default: 4)")
     return parser
@@ -515,13 +517,6 @@ def _json_safe(value: Any) -> Any:
         return int(value)
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(float(value)) else float(value)
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from omniseg.cli import argtypes
 from omniseg.errors import InputError, ModelNotFoundError, OmnisegError, failure_reason
 from omniseg.io.atomic import atomic_write_text
 from omniseg.io.images import iter_image_files, load_image
@@ -101,12 +101,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="Segment Anything: masks for one prompt of these points (foreground)")
     parser.add_argument("--box", type=_sam_box, metavar="x0,y0,x1,y1",
                         help="Segment Anything: masks for this box (with --points: both)")
-    parser.add_argument("--threshold", type=_probability, metavar="F",
+    parser.add_argument("--threshold", type=argtypes.number(minimum=0, maximum=1), metavar="F",
                         help="minimum score of a kept segment, instance/panoptic "
                              "(default: the pipeline's, 0.9)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=1, metavar="N",
                         help="images per forward pass (default: 1)")
-    parser.add_argument("--device", type=_device, default="cpu", metavar="{cpu,cuda}",
+    parser.add_argument("--device", type=argtypes.device, default="cpu", metavar="{cpu,cuda}",
                         help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--format", type=_formats, default=("png", "json"), metavar="png,json,coco",
                         help="outputs to write, comma-separated (default: png,json); see below")
@@ -398,16 +398,6 @@ def _formats(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     from omniseg.distributed.engine import ENGINES
 
@@ -418,45 +408,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", metavar="auto|HOST",
                        help="Ray cluster to join (auto: the one this machine is part of; HOST:PORT; "
                             "ray://HOST:PORT); default: start a local Ray instance")
-    group.add_argument("--actors", type=_positive_int, default=1, metavar="N",
+    group.add_argument("--actors", type=argtypes.integer(minimum=1), default=1, metavar="N",
                        help="Ray actors, each with one copy of the model (default: 1)")
-    group.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, metavar="C",
+    group.add_argument("--cpus-per-actor", type=argtypes.number(above=0), default=1.0, metavar="C",
                        help="CPUs Ray reserves per actor, also its PyTorch threads (default: 1)")
-    group.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
+    group.add_argument("--gpus-per-actor", type=argtypes.number(minimum=0), default=0.0, metavar="G",
                        help="GPUs per actor; above 0 the model runs on CUDA (default: 0)")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0.0:
-        raise argparse.ArgumentTypeError("must be above 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
 
 
 def _sam_points(text: str) -> list[list[float]]:

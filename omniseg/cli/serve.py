@@ -21,7 +21,7 @@ the serve extra is missing).
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from omniseg.cli.segment import _device, _positive_int
+    from omniseg.cli import argtypes
 
     parser = subparsers.add_parser(
         "serve",
@@ -34,17 +34,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="model directory or hub id; repeat to serve several "
                              "(default: the bundled model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
-    parser.add_argument("--max-upload-mb", type=_positive_float, default=20.0, metavar="MB",
+    parser.add_argument("--port", type=argtypes.integer(minimum=1, maximum=65535), default=8000,
+                        help="port to listen on (default: 8000)")
+    parser.add_argument("--max-upload-mb", type=argtypes.number(above=0), default=20.0, metavar="MB",
                         help="largest accepted image file, in MiB (default: 20)")
-    parser.add_argument("--max-megapixels", type=_positive_float, default=40.0, metavar="MP",
+    parser.add_argument("--max-megapixels", type=argtypes.number(above=0), default=40.0, metavar="MP",
                         help="largest accepted image, in millions of pixels, checked before "
                              "decoding (default: 40)")
-    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--workers", type=argtypes.integer(minimum=1), default=1, metavar="N",
                         help="inference threads (default: 1)")
-    parser.add_argument("--queue-size", type=_non_negative_int, default=8, metavar="N",
+    parser.add_argument("--queue-size", type=argtypes.integer(minimum=0), default=8, metavar="N",
                         help="requests that may wait for a worker before 503 (default: 8)")
-    parser.add_argument("--device", type=_device, default="cpu", metavar="{cpu,cuda}",
+    parser.add_argument("--device", type=argtypes.device, default="cpu", metavar="{cpu,cuda}",
                         help="where the models run: cpu, cuda or cuda:N (default: cpu)")
     parser.set_defaults(_serve_parser=parser)
     return parser
@@ -88,32 +89,3 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     return 2
 
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value

@@ -1,0 +1,59 @@
+"""Argument types shared by the commands: checked numbers and devices, with argparse's
+usage errors (``argparse.ArgumentTypeError``) that say what was wrong."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable
+
+
+def integer(*, minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """An ``int`` type within ``[minimum, maximum]`` (either bound may be open)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        _check_range(value, minimum, maximum)
+        return value
+
+    return parse
+
+
+def number(
+    *, minimum: float | None = None, maximum: float | None = None, above: float | None = None
+) -> Callable[[str], float]:
+    """A finite ``float`` type within ``[minimum, maximum]`` and, with ``above``, greater than it."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")
+        _check_range(value, minimum, maximum)
+        return value
+
+    return parse
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _check_range(value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"must be between {minimum:g} and {maximum:g}, got {value:g}")
+    if minimum is not None and value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {value:g}")
