@@ -113,15 +113,11 @@ class HungarianMatcher:
         # bilinear weights once instead of once per mask (same values).
         target_points = point_sample(target_masks.to(mask_logits)[None], coords)[0]  # [T, P]
         pred_points = point_sample(mask_logits[None], coords)[0]  # [Q, P]
-        cost = (
+        return (
             self.cost_mask * pairwise_sigmoid_bce(pred_points, target_points)
             + self.cost_class * cost_class
             + self.cost_dice * pairwise_dice(pred_points, target_points)
         )
-        # A diverging model can give NaN/inf costs; scipy refuses those. The largest finite
-        # value keeps such pairs as a last resort instead of crashing the run.
-        big = torch.finfo(cost.dtype).max
-        return torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
 
     @torch.no_grad()
     def __call__(
@@ -159,8 +155,18 @@ class HungarianMatcher:
             cost = self.cost_matrix(
                 class_logits[i], mask_logits[i], mask_labels[i], class_labels[i], coords
             )
-            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
-            matches.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+            matches.append(optimal_assignment(cost))
         return matches
+
+
+def optimal_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """The Hungarian assignment of a ``[Q, T]`` cost matrix: ``(query_indices,
+    target_indices)``, int64, query indices ascending.
+
+    A diverging model can give NaN/inf costs, which scipy refuses: the largest finite value
+    keeps such pairs as a last resort instead of crashing the run.
+    """
+    big = torch.finfo(cost.dtype).max
+    cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
+    rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from omniseg.models.mask2former.criterion import Mask2FormerCriterion, dice_loss
-from omniseg.models.mask2former.matcher import HungarianMatcher, MatchIndices, pairwise_dice
+from omniseg.models.mask2former.matcher import HungarianMatcher, MatchIndices, optimal_assignment, pairwise_dice
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
@@ -65,13 +64,11 @@ class FullMaskHungarianMatcher(HungarianMatcher):
         targets = F.interpolate(target_masks[:, None].to(mask_logits), size=mask_logits.shape[-2:], mode="nearest")
         targets = targets[:, 0].flatten(1)
         preds = mask_logits.flatten(1)
-        cost = (
+        return (
             self.cost_mask * pairwise_sigmoid_focal(preds, targets)
             - self.cost_class * class_logits.softmax(-1)[:, target_classes]
             + self.cost_dice * pairwise_dice(preds, targets)
         )
-        big = torch.finfo(cost.dtype).max
-        return torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
 
     @torch.no_grad()
     def __call__(
@@ -85,12 +82,10 @@ class FullMaskHungarianMatcher(HungarianMatcher):
         """Per image, ``(query_indices, target_indices)`` (see :class:`HungarianMatcher`);
         ``generator`` is unused (no random points)."""
         del generator
-        matches: MatchIndices = []
-        for i in range(class_logits.shape[0]):
-            cost = self.cost_matrix(class_logits[i], mask_logits[i], mask_labels[i], class_labels[i])
-            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
-            matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return matches
+        return [
+            optimal_assignment(self.cost_matrix(class_logits[i], mask_logits[i], mask_labels[i], class_labels[i]))
+            for i in range(class_logits.shape[0])
+        ]
 
 
 class MaskFormerCriterion(Mask2FormerCriterion):
