@@ -9,6 +9,7 @@ Needs Debian's ``chromium`` (``apt-get install chromium``; another binary can be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,17 +45,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``omniseg serve`` with the bundled default model; yields its base URL."""
+@contextlib.contextmanager
+def _serving(models: list[str], log: Path):
+    """``omniseg serve`` with ``models`` (none: the bundled default model) on a free loopback
+    port, as a subprocess; yields its base URL once ``/healthz`` answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "omniseg", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    for model in models:
+        command += ["--model", model]
     with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "omniseg", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -78,6 +79,13 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``omniseg serve`` with the bundled default model; yields its base URL."""
+    with _serving([], tmp_path_factory.mktemp("serve") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -191,3 +199,53 @@ def test_page_shows_the_servers_error_message(server, page, tmp_path):
     message = page.text_content("#error")
     assert message.startswith("400: broken.png: not an image")
     _screenshot(page, tmp_path, "page-error.png")
+
+
+def test_page_shows_a_segment_anything_models_masks(page, street_photo_path, tmp_path):
+    """With a Segment Anything model picked, the page asks POST /v1/mask-generation (the
+    other route refuses such models) and shows its masks, threshold named as the minimum
+    predicted IoU; the overlay download comes from the same route."""
+    from reference_sam import TINY_SAM_CONFIGS, build_reference_sam
+
+    sam_dir = build_reference_sam(tmp_path / "sam", perturb=0.3, **TINY_SAM_CONFIGS["deep"])
+    default_model = str(REPO / "omniseg" / "assets" / "default_model")
+    with _serving([default_model, str(sam_dir)], tmp_path / "server.log") as server:
+        page.goto(server + "/")
+        page.wait_for_selector("#model option", state="attached")
+        assert page.text_content("#threshold-name") == "Threshold"
+        page.select_option("#model", str(sam_dir))
+        assert page.text_content("#threshold-name") == "Min. IoU"
+        assert page.eval_on_selector_all("#task option", "options => options.map(o => o.value)") == ["auto", "everything"]
+        page.eval_on_selector("#threshold", "e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
+        page.set_input_files("#file", str(street_photo_path))
+        page.wait_for_selector("#legend tbody tr[data-segment-id]", timeout=120_000)
+        page.wait_for_selector("#status", state="hidden")
+        assert page.is_hidden("#error")
+
+        reply = page.request.post(server + "/v1/mask-generation", multipart={
+            "image": {"name": street_photo_path.name, "mimeType": "image/png", "buffer": street_photo_path.read_bytes()},
+            "model": str(sam_dir), "task": "auto", "threshold": "0.5",
+        })
+        assert reply.ok
+        expected = reply.json()
+        assert len(expected["segments"]) >= 1 and expected["task"] == "everything"
+        rows = page.eval_on_selector_all("#legend tbody tr", """rows => rows.map(r => ({
+            id: Number(r.dataset.segmentId), area: Number(r.dataset.area),
+            label: r.querySelector('.label').textContent, score: r.querySelector('.score').textContent}))""")
+        assert rows == [
+            {"id": s["id"], "area": s["area"], "label": s["label"], "score": f"{s['score']:.2f}"}
+            for s in expected["segments"]
+        ]
+        assert page.text_content("#summary").startswith(f"{len(rows)} everything segment")
+        _screenshot(page, tmp_path, "page-mask-generation.png")
+
+        with page.expect_download() as download:
+            page.click("#download-overlay")
+        assert download.value.suggested_filename == street_photo_path.stem + "_overlay.png"
+        saved = tmp_path / "overlay.png"
+        download.value.save_as(saved)
+        overlay = page.request.post(server + "/v1/mask-generation", multipart={
+            "image": {"name": street_photo_path.name, "mimeType": "image/png", "buffer": street_photo_path.read_bytes()},
+            "model": str(sam_dir), "task": "auto", "threshold": "0.5", "format": "overlay",
+        })
+        assert saved.read_bytes() == overlay.body()

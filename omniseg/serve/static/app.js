@@ -1,5 +1,6 @@
-// The omniseg page: send an image to POST /v1/segment, draw the returned segments (COCO RLE
-// masks) over it, and list them in a legend that highlights and toggles them.
+// The omniseg page: send an image to POST /v1/segment (or, for a Segment Anything model,
+// POST /v1/mask-generation), draw the returned segments (COCO RLE masks) over it, and list
+// them in a legend that highlights and toggles them.
 "use strict";
 
 const ALPHA = 0.5;            // segment colour over the image, as the server's overlay
@@ -10,7 +11,7 @@ const SHADE_STEPS = [0.0, 0.3, -0.3, 0.55, -0.5, 0.15, -0.15, 0.42, -0.4, 0.68, 
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  models: {},        // name -> {tasks, labels, colors}
+  models: {},        // name -> {kind, tasks, labels, colors}
   file: null,        // the image being shown
   image: null,       // its decoded HTMLImageElement
   answer: null,      // the JSON document of the last answer
@@ -202,6 +203,8 @@ async function loadModels() {
 
 function fillTasks() {
   const model = state.models[$("model").value];
+  // A Segment Anything model's score is its predicted IoU (the reference's pred_iou_thresh).
+  $("threshold-name").textContent = model && model.kind === "mask-generation" ? "Min. IoU" : "Threshold";
   const select = $("task");
   const previous = select.value;
   select.replaceChildren(new Option("auto", "auto"));
@@ -219,6 +222,11 @@ async function checked(response) {
     if (body.message) message = `${response.status}: ${body.message}`;
   } catch (_) { /* not JSON: keep the status line */ }
   throw new Error(message);
+}
+
+// The route that serves the model: each one refuses the other kind's models.
+function routeFor(params) {
+  return state.models[params.model]?.kind === "mask-generation" ? "/v1/mask-generation" : "/v1/segment";
 }
 
 function formFor(params, format) {
@@ -254,7 +262,7 @@ async function segment() {
   if (!state.file) return;
   const params = { model: $("model").value, task: $("task").value, threshold: $("threshold").value };
   await busy("Segmenting…", async () => {
-    const answer = await fetch("/v1/segment", { method: "POST", body: formFor(params, "json") }).then(checked);
+    const answer = await fetch(routeFor(params), { method: "POST", body: formFor(params, "json") }).then(checked);
     state.params = params;
     showAnswer(answer);
   });
@@ -263,7 +271,7 @@ async function segment() {
 async function download(format, suffix) {
   if (!state.answer) return;
   await busy("Preparing the download…", async () => {
-    const blob = await fetch("/v1/segment", { method: "POST", body: formFor(state.params, format) }).then(checked);
+    const blob = await fetch(routeFor(state.params), { method: "POST", body: formFor(state.params, format) }).then(checked);
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
     link.download = stem(state.answer.image) + suffix;
