@@ -118,6 +118,22 @@ def _overlay_pixels(page) -> str:
     return page.eval_on_selector("#overlay", "canvas => canvas.toDataURL('image/png')")
 
 
+def _legend_rows(page) -> list[dict]:
+    """The legend as the page shows it; areas are counted from the page's own decoding of the
+    RLE masks."""
+    return page.eval_on_selector_all("#legend tbody tr", """rows => rows.map(r => ({
+        id: Number(r.dataset.segmentId), area: Number(r.dataset.area),
+        label: r.querySelector('.label').textContent, score: r.querySelector('.score').textContent}))""")
+
+
+def _expected_rows(answer: dict) -> list[dict]:
+    """The legend rows an API answer should give."""
+    return [
+        {"id": s["id"], "area": s["area"], "label": s["label"], "score": f"{s['score']:.2f}"}
+        for s in answer["segments"]
+    ]
+
+
 def test_page_segments_an_uploaded_street_photo(server, page, street_photo_path, tmp_path):
     page.goto(server + "/")
     page.wait_for_selector("#model option", state="attached")
@@ -138,13 +154,7 @@ def test_page_segments_an_uploaded_street_photo(server, page, street_photo_path,
     expected = reply.json()
     assert len(expected["segments"]) >= 3 and expected["task"] == "panoptic"
 
-    rows = page.eval_on_selector_all("#legend tbody tr", """rows => rows.map(r => ({
-        id: Number(r.dataset.segmentId), area: Number(r.dataset.area),
-        label: r.querySelector('.label').textContent, score: r.querySelector('.score').textContent}))""")
-    assert rows == [
-        {"id": s["id"], "area": s["area"], "label": s["label"], "score": f"{s['score']:.2f}"}
-        for s in expected["segments"]
-    ]  # the areas are counted from the page's own decoding of the RLE masks
+    assert _legend_rows(page) == _expected_rows(expected)
     assert page.eval_on_selector("#original", "img => img.naturalWidth") == 480
     assert page.eval_on_selector("#overlay", "c => [c.width, c.height]") == [480, 360]
     _screenshot(page, tmp_path, "page-segmented.png")
@@ -229,14 +239,8 @@ def test_page_shows_a_segment_anything_models_masks(page, street_photo_path, tmp
         assert reply.ok
         expected = reply.json()
         assert len(expected["segments"]) >= 1 and expected["task"] == "everything"
-        rows = page.eval_on_selector_all("#legend tbody tr", """rows => rows.map(r => ({
-            id: Number(r.dataset.segmentId), area: Number(r.dataset.area),
-            label: r.querySelector('.label').textContent, score: r.querySelector('.score').textContent}))""")
-        assert rows == [
-            {"id": s["id"], "area": s["area"], "label": s["label"], "score": f"{s['score']:.2f}"}
-            for s in expected["segments"]
-        ]
-        assert page.text_content("#summary").startswith(f"{len(rows)} everything segment")
+        assert _legend_rows(page) == _expected_rows(expected)
+        assert page.text_content("#summary").startswith(f"{len(expected['segments'])} everything segment")
         _screenshot(page, tmp_path, "page-mask-generation.png")
 
         with page.expect_download() as download:
