@@ -217,3 +217,26 @@ def test_usage_errors(frames, model_dir, tmp_path, capsys, monkeypatch):
     assert _segment(image, out, model_dir, "--engine", "ray") == 2
     assert "pip install 'omniseg[ray]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("prompt", [["--task", "everything", "--threshold", "0.5"], ["--points", "100,80;200,120"]],
+                         ids=["everything", "points"])
+def test_segment_anything_on_ray_writes_the_local_engines_files(frames, tmp_path, prompt):
+    """A Segment Anything model through --engine ray: the mask generator (or the prompt) of
+    the local run in each actor, the same files, the broken file reported."""
+    from reference_sam import TINY_SAM_CONFIGS, build_reference_sam
+
+    sam_dir = build_reference_sam(tmp_path / "sam", perturb=0.3, **TINY_SAM_CONFIGS["deep"])
+    subset = tmp_path / "frames"
+    subset.mkdir()
+    for path in sorted(frames.glob("0*.png"))[:2] + [frames / BROKEN]:
+        shutil.copy(path, subset / path.name)
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        command = ["segment", str(subset), "--out", str(outs[engine]), "--model", str(sam_dir), *prompt]
+        assert main(command + (["--engine", "ray", "--actors", "1"] if engine == "ray" else [])) == 1
+    assert _files(outs["ray"]) == _files(outs["local"])
+    documents = [json.loads(p.read_text()) for p in outs["ray"].glob("*.json")]
+    assert len(documents) == 2 and all(d["segments"] for d in documents)
+    assert [e["file"] for e in _errors(outs["ray"])] == [str(subset / BROKEN)]

@@ -188,11 +188,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.engine == "ray":
+            from omniseg.cli.segment_everything import MaskSegmenter
+
             outcomes = ray_engine.segment_items(
-                pending, model_name=model_name, task=task, formats=formats,
+                pending, model_name=model_name, task=subtask, formats=formats,
                 call_options=call_options, address=args.ray_address, actors=args.actors,
                 batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
                 gpus_per_actor=args.gpus_per_actor,
+                mask_generation={"points": seg.points, "box": seg.box} if isinstance(seg, MaskSegmenter) else None,
             )
             for item, failure in outcomes:
                 if failure is not None:

@@ -117,11 +117,14 @@ def map_with_actors(
     cpus_per_actor: float,
     gpus_per_actor: float,
     output_files: OutputFiles | None,
+    mask_generation: Mapping[str, Any] | None = None,
 ) -> Any:
     """The actor-pool map behind :func:`segment_dataset` and the ``--engine ray`` command.
 
     With ``output_files`` each actor writes the image's files and the rows get only the
-    ``error_type`` / ``error`` columns (``SEGMENT_COLUMNS`` otherwise).
+    ``error_type`` / ``error`` columns (``SEGMENT_COLUMNS`` otherwise). ``mask_generation``:
+    the model is a Segment Anything one, run as ``omniseg segment --task everything`` runs
+    it (``{"points": ..., "box": ...}``, each ``None`` for every mask in the image).
     """
     from omniseg.distributed.runtime import require_ray
 
@@ -142,6 +145,7 @@ def map_with_actors(
             "device": "cuda" if gpus_per_actor > 0 else "cpu",
             "threads": max(1, int(cpus_per_actor)),
             "output_files": output_files,
+            "mask_generation": None if mask_generation is None else dict(mask_generation),
         },
         # Fault tolerance is Ray Data's default for actor pools: a dead actor (killed, out
         # of memory, node lost) is restarted and the batch it held is done again.
@@ -162,13 +166,19 @@ class SegmentImages:
         device: str,
         threads: int,
         output_files: OutputFiles | None,
+        mask_generation: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
         import omniseg
 
         torch.set_num_threads(threads)
-        self.pipeline = omniseg.pipeline("image-segmentation", model=model, device=device)
+        if mask_generation is None:
+            self.pipeline = omniseg.pipeline("image-segmentation", model=model, device=device)
+        else:
+            from omniseg.cli.segment_everything import MaskSegmenter
+
+            self.pipeline = MaskSegmenter(model, device=device, **mask_generation)
         self.task = self.pipeline.resolve_subtask(task)
         self.image_column = image_column
         self.source_column = source_column

@@ -66,8 +66,12 @@ def segment_items(
     batch_size: int,
     cpus_per_actor: float,
     gpus_per_actor: float,
+    mask_generation: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[Any, tuple[str, str] | None]]:
     """Segment and write ``items`` (each with ``.path`` and ``.stem``) on Ray.
+
+    ``task``: as the user gave it (``None``: what the model supports first); each actor
+    resolves it as the local engine does. ``mask_generation``: see :func:`map_with_actors`.
 
     Yields ``(item, None)`` when an image's files are written, ``(item, (error type,
     reason))`` when it failed; each item exactly once, in the order they finish.
@@ -101,6 +105,7 @@ def segment_items(
                 cpus_per_actor=cpus_per_actor,
                 gpus_per_actor=gpus_per_actor,
                 output_files=OutputFiles(formats=tuple(formats), model_name=model_name),
+                mask_generation=mask_generation,
             )
             reported: set[int] = set()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
