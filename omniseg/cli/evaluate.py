@@ -78,6 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="label 0 is background to ignore and class k is stored as k+1 (ADE20k style)")
     parser.add_argument("--thing-classes", metavar="A,B,...",
                         help="countable classes, names or ids (default: the README's), for instance/panoptic")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flip (--task semantic): average the class scores of each image and "
+                             "its mirror image")
     parser.add_argument("--threshold", type=float, metavar="F",
                         help="minimum segment score (default: 0.05 instance, 0.8 panoptic)")
     parser.add_argument("--max-images", type=argtypes.integer(minimum=1), metavar="N",
@@ -128,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(f"--task {args.task}: {exc}")
     except (OmnisegError, OSError) as exc:
         return _usage_error(f"--model {args.model}: cannot load the model: {exc}")
+    if args.tta:
+        try:
+            seg.check_tta(args.task)
+        except ValueError as exc:
+            return _usage_error(f"--tta: {exc}")
 
     lut, match_note = class_mapping(seg.id2label, info.id2label)
     print(f"omniseg evaluate: {len(samples)} images of {args.data} ({args.split}), task {args.task}, "
@@ -435,6 +443,8 @@ def _predict(seg: Any, loaded: list, args: argparse.Namespace, threshold: float 
     options: dict[str, Any] = {"subtask": args.task, "batch_size": args.batch_size}
     if threshold is not None:
         options["threshold"] = threshold
+    if args.tta:
+        options["tta"] = True
     try:
         answers = seg.predict([image for _, image, _ in loaded], **options)
     except Exception:  # noqa: BLE001 - isolated per image below

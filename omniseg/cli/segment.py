@@ -101,6 +101,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="Segment Anything: masks for one prompt of these points (foreground)")
     parser.add_argument("--box", type=_sam_box, metavar="x0,y0,x1,y1",
                         help="Segment Anything: masks for this box (with --points: both)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flip (semantic only): average the class scores of each image and its "
+                             "mirror image; two forward passes per image")
     parser.add_argument("--threshold", type=argtypes.number(minimum=0, maximum=1), metavar="F",
                         help="minimum score of a kept segment, instance/panoptic "
                              "(default: the pipeline's, 0.9)")
@@ -143,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
         task = seg.resolve_subtask(subtask)
     except ValueError as exc:
         return _usage_error(args, f"--task {args.task}: {exc}")
+    if args.tta:
+        try:
+            seg.check_tta(task)
+        except (AttributeError, ValueError) as exc:
+            reason = exc if isinstance(exc, ValueError) else "it is not offered for Segment Anything models"
+            return _usage_error(args, f"--tta: {reason}")
     id2label = seg.id2label
 
     items = _collect(args.inputs, out)
@@ -159,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     call_options: dict[str, Any] = {"subtask": subtask, "batch_size": args.batch_size}
     if args.threshold is not None:
         call_options["threshold"] = args.threshold
+    if args.tta:
+        call_options["tta"] = True
 
     progress = tqdm(
         total=len(items),

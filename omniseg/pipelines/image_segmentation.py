@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from omniseg.io.images import DEFAULT_MAX_PIXELS, load_image
 from omniseg.models.auto import load_model, load_processor
@@ -120,6 +120,7 @@ class ImageSegmentationPipeline:
         mask_threshold: float = 0.5,
         overlap_mask_area_threshold: float = 0.5,
         batch_size: int | None = None,
+        tta: bool = False,
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Segment one image (returns a list of segments) or a list of images (a list of lists).
 
@@ -133,6 +134,8 @@ class ImageSegmentationPipeline:
             overlap_mask_area_threshold: minimum fraction of a query's mask that must remain
                 after overlaps are resolved for the segment to be kept.
             batch_size: images per forward pass (default: the pipeline's ``batch_size``).
+            tta: test-time flip, semantic only: the class scores of the image and of its
+                mirror image are averaged before the argmax (two forward passes per image).
         """
         single = not isinstance(inputs, (list, tuple))
         images = [inputs] if single else list(inputs)
@@ -143,6 +146,7 @@ class ImageSegmentationPipeline:
             mask_threshold=mask_threshold,
             overlap_mask_area_threshold=overlap_mask_area_threshold,
             batch_size=batch_size,
+            tta=tta,
         )
         results = [self.to_annotations(segmentation) for segmentation in segmentations]
         return results[0] if single else results
@@ -157,10 +161,14 @@ class ImageSegmentationPipeline:
         mask_threshold: float = 0.5,
         overlap_mask_area_threshold: float = 0.5,
         batch_size: int | None = None,
+        tta: bool = False,
     ) -> list[Segmentation]:
-        """Segment RGB PIL images; the answer per image as a label map and segment records."""
+        """Segment RGB PIL images; the answer per image as a label map and segment records
+        (``tta``: see :meth:`__call__`)."""
         subtask = self.resolve_subtask(subtask)
         batch_size = batch_size or self.batch_size
+        if tta:
+            return self._semantic_with_flip(images, subtask, batch_size)
         results: list[Segmentation | None] = [None] * len(images)
         for indices, inputs in self._batches(images, batch_size):
             outputs = self.model(**inputs)
@@ -206,6 +214,34 @@ class ImageSegmentationPipeline:
             }
             for segment, mask in zip(segmentation.segments, masks)
         ]
+
+    def check_tta(self, subtask: str) -> None:
+        """Raise ValueError unless test-time flip (``tta=True``) applies to ``subtask`` with
+        this model: semantic only, for models whose processor gives class scores."""
+        if subtask != "semantic":
+            raise ValueError(f"tta (test-time flip) averages semantic class scores: use subtask 'semantic', not {subtask!r}")
+        if not hasattr(self.processor, "semantic_scores"):
+            raise ValueError(f"tta (test-time flip) is not offered for {type(self.model).__name__} models")
+
+    def _semantic_with_flip(self, images: Sequence[Image.Image], subtask: str, batch_size: int) -> list[Segmentation]:
+        """Semantic maps from the class scores of each image and its mirror image, averaged
+        (test-time flip); ``batch_size`` images (and their mirrors) at a time."""
+        self.check_tta(subtask)
+        scorer = self.processor.semantic_scores
+        results: list[Segmentation] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            views = list(chunk) + [ImageOps.mirror(image) for image in chunk]
+            sums: list[torch.Tensor | None] = [None] * len(chunk)
+            for indices, inputs in self._batches(views, batch_size):
+                target_sizes = [(views[i].height, views[i].width) for i in indices]
+                for i, scores in zip(indices, scorer(self.model(**inputs), target_sizes=target_sizes)):
+                    if i >= len(chunk):
+                        i -= len(chunk)
+                        scores = scores.flip(-1)
+                    sums[i] = scores if sums[i] is None else sums[i] + scores
+            results.extend(_semantic_segmentation(total.argmax(dim=0)) for total in sums)
+        return results
 
     def _batches(self, images: Sequence[Image.Image], batch_size: int):
         """Yield ``(indices, model inputs)``, batching only images of equal processed shape.

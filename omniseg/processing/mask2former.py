@@ -240,6 +240,13 @@ class Mask2FormerImageProcessor(ImageProcessor):
             outputs, target_sizes=target_sizes, mask_size=self.mask_size
         )
 
+    def semantic_scores(
+        self, outputs: Any, target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per image ``[C, height, width]`` class scores whose argmax is the semantic map
+        (see :func:`mask_classification.semantic_scores`)."""
+        return mask_classification.semantic_scores(outputs, target_sizes=target_sizes, mask_size=self.mask_size)
+
     def post_process_instance_segmentation(
         self,
         outputs: Any,

@@ -140,6 +140,34 @@ def post_process_semantic_segmentation(
     ]
 
 
+def semantic_scores(
+    outputs: Any,
+    target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    *,
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
+) -> list[torch.Tensor]:
+    """The per-class score maps whose argmax is the semantic segmentation, for averaging
+    several views of an image (test-time flips) before that argmax.
+
+    Returns:
+        ``B`` float tensors ``[C, height, width]``: ``sum_q softmax(class)[q, c] *
+        sigmoid(mask)[q]`` with the masks at ``mask_size`` (its own size for None), resized
+        bilinearly to the target size, as :func:`post_process_semantic_segmentation` defines
+        them (which takes their argmax without making all of them).
+    """
+    class_logits, mask_logits = _logits(outputs)
+    _check_target_sizes(target_sizes, class_logits.shape[0])
+    class_probs = class_logits.softmax(dim=-1)[..., :-1]
+    maps = []
+    for i in range(class_logits.shape[0]):
+        scores = torch.einsum("qc, qhw -> chw", class_probs[i], _to_mask_size(mask_logits[i], mask_size).sigmoid_())
+        size = _target_size(target_sizes, i)
+        if size is not None:
+            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+        maps.append(scores)
+    return maps
+
+
 # Rows of the 384x384 maps made at a time: ``[16 * 384, Q]`` mask probabilities and
 # ``[C, 16 * 384]`` class scores (3.3 MB for 133 classes) stay in cache. Narrower bands pay
 # for more small operations (8 rows: 17-18% slower with 2 threads, 9-10% with 1, on the random

@@ -140,6 +140,25 @@ class SegformerImageProcessor(ImageProcessor):
 
     # ------------------------------------------------------------------ post-processing
 
+    def semantic_scores(
+        self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per image ``[K, height, width]`` class probabilities (softmax of the logits,
+        upsampled bilinearly to the target size as :meth:`post_process_semantic_segmentation`
+        does), for averaging several views of an image before the argmax."""
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+        if target_sizes is not None and len(target_sizes) != len(logits):
+            raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits")
+        maps = []
+        for i, image_logits in enumerate(logits):
+            if target_sizes is not None:
+                size = target_sizes[i].tolist() if isinstance(target_sizes, torch.Tensor) else target_sizes[i]
+                image_logits = F.interpolate(
+                    image_logits[None], size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False
+                )[0]
+            maps.append(image_logits.softmax(dim=0))
+        return maps
+
     def post_process_semantic_segmentation(
         self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
     ) -> list[torch.Tensor]:
