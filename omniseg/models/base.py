@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -43,10 +43,16 @@ class PretrainedModel(nn.Module):
         # The strict load below overwrites every parameter and persistent buffer, so the
         # random initialisation would be thrown away (it is most of the load time).
         with _skip_weight_init():
-            model = cls(config)
+            model = cls.for_checkpoint(config, state)
         ignored = [name for name in state if any(name.endswith(s) for s in cls.ignore_on_load)]
         load_state_dict_strict(model, state, source=directory, ignore_unexpected=ignored)
         return model.to(device).eval()
+
+    @classmethod
+    def for_checkpoint(cls, config: ModelConfig, state: Mapping[str, torch.Tensor]) -> "PretrainedModel":
+        """The model that ``state`` (a checkpoint's tensors) will be loaded into: ``cls(config)``,
+        unless an architecture's optional parts depend on what the checkpoint carries."""
+        return cls(config)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
