@@ -13,6 +13,13 @@ CHECKPOINT_FILES = [
     "model.safetensors",
     "model.safetensors.index.json",
     "model-*.safetensors",
+    # OneFormer's task-text tokenizer and its processor settings.
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "processor_config.json",
 ]
 LEGACY_WEIGHTS = "pytorch_model.bin"
 

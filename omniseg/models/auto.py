@@ -28,6 +28,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
         "omniseg.processing.maskformer",
         "MaskFormerImageProcessor",
     ),
+    "oneformer": (
+        "omniseg.models.oneformer",
+        "OneFormerForUniversalSegmentation",
+        "omniseg.processing.oneformer",
+        "OneFormerImageProcessor",
+    ),
     "segformer": (
         "omniseg.models.segformer",
         "SegformerForSemanticSegmentation",
@@ -45,6 +51,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
 # Architectures that classify masks (queries with class and mask logits, trained on binary
 # mask targets) rather than pixels.
 MASK_CLASSIFICATION_TYPES = frozenset({"mask2former", "maskformer"})
+
+# Architectures omniseg runs for inference only: model_type -> why ``omniseg train`` refuses it.
+NOT_TRAINABLE: dict[str, str] = {
+    "oneformer": "training is not offered for OneFormer (omniseg runs it for inference only: "
+    "its task-conditioned targets and contrastive text loss are not implemented)",
+}
 
 
 def model_type_of(directory: Path) -> str:
@@ -78,6 +90,10 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu") 
 def load_processor(name_or_path: str | Path) -> ImageProcessor:
     """Load the image processor that goes with a checkpoint directory or hub id."""
     directory = resolve_model_dir(name_or_path)
-    if not (directory / "preprocessor_config.json").is_file():
+    model_type = model_type_of(directory)
+    # OneFormer checkpoints saved by recent references nest the image processor's settings
+    # in processor_config.json instead (its processor reads either).
+    nested = model_type == "oneformer" and (directory / "processor_config.json").is_file()
+    if not (directory / "preprocessor_config.json").is_file() and not nested:
         raise CheckpointError(directory, "no preprocessor_config.json in the model directory")
-    return processor_class(model_type_of(directory)).from_pretrained(directory)
+    return processor_class(model_type).from_pretrained(directory)

@@ -170,7 +170,7 @@ class ImageSegmentationPipeline:
         if tta:
             return self._semantic_with_flip(images, subtask, batch_size)
         results: list[Segmentation | None] = [None] * len(images)
-        for indices, inputs in self._batches(images, batch_size):
+        for indices, inputs in self._batches(images, batch_size, subtask):
             outputs = self.model(**inputs)
             target_sizes = [(images[i].height, images[i].width) for i in indices]
             postprocess = getattr(self.processor, _POSTPROCESSORS[subtask])
@@ -233,7 +233,7 @@ class ImageSegmentationPipeline:
             chunk = images[start : start + batch_size]
             views = list(chunk) + [ImageOps.mirror(image) for image in chunk]
             sums: list[torch.Tensor | None] = [None] * len(chunk)
-            for indices, inputs in self._batches(views, batch_size):
+            for indices, inputs in self._batches(views, batch_size, subtask):
                 target_sizes = [(views[i].height, views[i].width) for i in indices]
                 for i, scores in zip(indices, scorer(self.model(**inputs), target_sizes=target_sizes)):
                     if i >= len(chunk):
@@ -243,16 +243,25 @@ class ImageSegmentationPipeline:
             results.extend(_semantic_segmentation(total.argmax(dim=0)) for total in sums)
         return results
 
-    def _batches(self, images: Sequence[Image.Image], batch_size: int):
+    def _batches(self, images: Sequence[Image.Image], batch_size: int, subtask: str):
         """Yield ``(indices, model inputs)``, batching only images of equal processed shape.
 
         Each image is preprocessed alone, as the reference does, so padding inside a batch
         never changes an image's answer; images whose inputs have the same shape are then
         stacked, up to ``batch_size`` at a time.
         """
+        task_kwargs = {}
+        if getattr(self.processor, "takes_task_inputs", False):
+            # OneFormer: the task text as the reference pipeline tokenizes it (pad-token
+            # padding to the model's task_seq_len, not the processor's zero padding).
+            task_kwargs = {
+                "task_inputs": subtask,
+                "task_padding": "pad_token",
+                "task_seq_length": self.model.config.task_seq_len,
+            }
         pending: dict[tuple[int, ...], list[tuple[int, dict[str, torch.Tensor]]]] = {}
         for index, image in enumerate(images):
-            encoded = self.processor(images=[image], return_tensors="pt")
+            encoded = self.processor(images=[image], return_tensors="pt", **task_kwargs)
             inputs = {k: v for k, v in encoded.items() if k in self._model_inputs}
             shape = tuple(inputs["pixel_values"].shape)
             group = pending.setdefault(shape, [])
@@ -292,7 +301,7 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
         if hasattr(module, "stack_qkv"):
             module.stack_qkv()
             replaced.update(f"{name}.{part}" for part in ("query", "key", "value"))
-    heads = ("class_predictor", "mask_predictor", "decode_head.classifier")
+    heads = ("class_predictor", "class_embed", "mask_predictor", "decode_head.classifier")
     targets = {
         name
         for name, module in model.named_modules()

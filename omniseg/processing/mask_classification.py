@@ -1,4 +1,4 @@
-"""Post-processing of mask-classification models (Mask2Former, MaskFormer).
+"""Post-processing of mask-classification models (Mask2Former, MaskFormer, OneFormer).
 
 The model gives, per image, ``Q`` queries each with class logits ``[Q, C + 1]`` (the last class
 is "no object") and mask logits ``[Q, h, w]``. These functions turn them into semantic,
@@ -555,6 +555,79 @@ def post_process_instance_segmentation(
     return results
 
 
+def post_process_topk_segments(
+    outputs: Any,
+    threshold: float | None = 0.5,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+    target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    *,
+    allowed_labels: Sequence[int] | None = None,
+    relabel: Sequence[int] | None = None,
+    return_coco_annotation: bool = False,
+) -> list[dict[str, Any]]:
+    """OneFormer's instance segments: the top ``Q`` (query, class) pairs as competing segments.
+
+    Per image, the ``Q`` (query, class) pairs with the highest class probability (PyTorch's
+    unsorted ``topk``, the reference's order) are kept when their probability is
+    > ``threshold`` (``None``: all) and, with ``allowed_labels``, their class is one of them.
+    They become segments as in :func:`compute_segments` with ``probabilities=False``: each
+    pixel goes to the pair with the highest score x mask *logit* (at the model's mask size,
+    resized bilinearly to the target), nothing fused.
+
+    Args:
+        outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
+        relabel: replaces each kept label by its index in this list (the reference's ADE20k
+            renumbering of thing classes).
+        return_coco_annotation: ``segmentation`` becomes the RLE list of
+            :func:`convert_segmentation_to_rle`.
+
+    Returns:
+        One dict per image: ``segmentation`` (int32 ``[H, W]`` segment ids, 0 = none; float32
+        filled with -1 when no pair is kept) and ``segments_info``.
+    """
+    class_logits, mask_logits = _logits(outputs)
+    batch_size, num_queries = class_logits.shape[:2]
+    num_classes = class_logits.shape[-1] - 1
+    _check_target_sizes(target_sizes, batch_size)
+    allowed = None if allowed_labels is None else torch.tensor(list(allowed_labels), dtype=torch.long)
+    results = []
+    for i in range(batch_size):
+        scores = class_logits[i].softmax(dim=-1)[:, :-1]  # [Q, C]
+        top_scores, top_index = scores.flatten(0, 1).topk(num_queries, sorted=False)
+        labels = top_index % num_classes
+        queries = torch.div(top_index, num_classes, rounding_mode="floor")
+        keep = torch.ones_like(top_scores, dtype=torch.bool)
+        if threshold is not None:
+            keep &= top_scores > threshold
+        if allowed is not None:
+            keep &= torch.isin(labels, allowed.to(labels.device))
+        top_scores, labels, queries = top_scores[keep], labels[keep], queries[keep]
+        target = _target_size(target_sizes, i)
+        if queries.numel() == 0:
+            size = target or _grid_size(mask_logits, None)
+            result = {"segmentation": torch.full(size, -1.0, device=class_logits.device), "segments_info": []}
+        else:
+            if relabel is not None:
+                order = list(relabel)
+                labels = torch.tensor([order.index(label) for label in labels.tolist()], dtype=labels.dtype)
+            result = compute_segments(
+                mask_logits[i].index_select(0, queries),
+                top_scores,
+                labels,
+                target,
+                mask_threshold=mask_threshold,
+                overlap_mask_area_threshold=overlap_mask_area_threshold,
+                label_ids_to_fuse=set(),
+                mask_size=None,
+                probabilities=False,
+            )
+            if return_coco_annotation:  # not for an empty result, as in the reference
+                result["segmentation"] = convert_segmentation_to_rle(result["segmentation"])
+        results.append(result)
+    return results
+
+
 def _binary_masks_and_scores(
     mask_logits: torch.Tensor, queries: torch.Tensor, mask_size: MaskSize
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -653,36 +726,71 @@ def post_process_panoptic_segmentation(
             size = target or _grid_size(mask_logits, mask_size)
             results.append({"segmentation": torch.full(size, -1.0, device=class_logits.device), "segments_info": []})
             continue
-        scores, labels = pred_scores[i][keep], pred_labels[i][keep]
-        count = scores.shape[0]
         kept_logits = mask_logits[i].index_select(0, torch.nonzero(keep).flatten())
-        owner, own_area = _panoptic_owners(kept_logits, scores, target, mask_threshold, mask_size)
-        won_area = torch.bincount(owner.flatten(), minlength=count)
-        ratio = won_area / own_area  # the reference's float32 division, compared as a Python float
-        exists = ((won_area > 0) & (own_area > 0) & (ratio.double() > overlap_mask_area_threshold)).tolist()
-        label_list, score_list = labels.tolist(), scores.tolist()
-        segment_of_query = [0] * count
-        segments: list[dict[str, Any]] = []
-        fused_ids: dict[int, int] = {}
-        current = 0
-        for k in range(count):
-            if not exists[k]:
-                continue
-            label = label_list[k]
-            should_fuse = label in fuse
-            # As in the reference, reusing a fused id also resets the running counter to it.
-            if label in fused_ids:
-                current = fused_ids[label]
-            else:
-                current += 1
-            seg_id = current
-            segment_of_query[k] = seg_id
-            segments.append({"id": seg_id, "label_id": label, "was_fused": should_fuse, "score": round(score_list[k], 6)})
-            if should_fuse:
-                fused_ids[label] = seg_id
-        lut = torch.tensor(segment_of_query, dtype=torch.int32, device=owner.device)
-        results.append({"segmentation": lut[owner], "segments_info": segments})
+        results.append(
+            compute_segments(
+                kept_logits,
+                pred_scores[i][keep],
+                pred_labels[i][keep],
+                target,
+                mask_threshold=mask_threshold,
+                overlap_mask_area_threshold=overlap_mask_area_threshold,
+                label_ids_to_fuse=fuse,
+                mask_size=mask_size,
+            )
+        )
     return results
+
+
+def compute_segments(
+    mask_logits: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    size: tuple[int, int] | None,
+    *,
+    mask_threshold: float,
+    overlap_mask_area_threshold: float,
+    label_ids_to_fuse: set[int],
+    mask_size: MaskSize = REFERENCE_MASK_SIZE,
+    probabilities: bool = True,
+) -> dict[str, Any]:
+    """Segments of some queries: each pixel goes to the query with the highest score x mask
+    value (see :func:`post_process_panoptic_segmentation` for the rules and the result).
+
+    Args:
+        mask_logits: ``[K, h, w]`` the queries' mask logits.
+        scores, labels: ``[K]`` each query's class score and class id.
+        size: output ``(height, width)``; None for the mask size.
+        probabilities: the mask values are the logits' sigmoid (panoptic); False: the raw
+            logits (OneFormer's instance post-processing, as its reference does).
+    """
+    count = scores.shape[0]
+    owner, own_area = _panoptic_owners(mask_logits, scores, size, mask_threshold, mask_size, probabilities)
+    won_area = torch.bincount(owner.flatten(), minlength=count)
+    ratio = won_area / own_area  # the reference's float32 division, compared as a Python float
+    exists = ((won_area > 0) & (own_area > 0) & (ratio.double() > overlap_mask_area_threshold)).tolist()
+    label_list, score_list = labels.tolist(), scores.tolist()
+    segment_of_query = [0] * count
+    segments: list[dict[str, Any]] = []
+    fused_ids: dict[int, int] = {}
+    current = 0
+    for k in range(count):
+        if not exists[k]:
+            continue
+        label = label_list[k]
+        should_fuse = label in label_ids_to_fuse
+        # As in the reference, reusing a fused id also resets the running counter to it.
+        if label in fused_ids:
+            current = fused_ids[label]
+        else:
+            current += 1
+        seg_id = current
+        segment_of_query[k] = seg_id
+        segments.append({"id": seg_id, "label_id": label, "was_fused": should_fuse, "score": round(score_list[k], 6)})
+        if should_fuse:
+            fused_ids[label] = seg_id
+    lut = torch.tensor(segment_of_query, dtype=torch.int32, device=owner.device)
+    return {"segmentation": lut[owner], "segments_info": segments}
 
 
 def _panoptic_owners(
@@ -691,6 +799,7 @@ def _panoptic_owners(
     size: tuple[int, int] | None,
     mask_threshold: float,
     mask_size: MaskSize = REFERENCE_MASK_SIZE,
+    probabilities: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which query owns each pixel, and each query's own mask area, for panoptic segments.
 
@@ -705,6 +814,8 @@ def _panoptic_owners(
         scores: ``[K]`` their class scores.
         size: output ``(height, width)``; None for the mask size.
         mask_size: the size masks are resized to first (None: their own).
+        probabilities: take the sigmoid of the logits (else the logits themselves, resized
+            and scaled the same way).
 
     Returns:
         ``owner [H, W]`` (long, query index) and ``own_area [K]`` (long).
@@ -718,21 +829,22 @@ def _panoptic_owners(
         own_area = torch.empty(count, dtype=torch.long)
         for start in range(0, count, _CHUNK):
             stop = min(start + _CHUNK, count)
-            probs = _to_mask_size(mask_logits[start:stop], mask_size).sigmoid_()  # [k, *mask_size]
+            probs = _mask_values(mask_logits[start:stop], mask_size, probabilities)  # [k, *mask_size]
             scored_argmax.update(probs, scores[start:stop], start, mask_threshold, best, owner, own_area)
         return owner, own_area
 
     # Only queries that might reach the mask threshold somewhere need counting: resizing
     # never leaves the range of the logits, so score * sigmoid(max logit) bounds a query's
-    # probabilities (with a margin for float rounding).
+    # probabilities (with a margin for float rounding; the logit itself for raw logits).
     peak = mask_logits.flatten(1).amax(1)  # NaN if the query has a NaN logit
     margin = 1e-5 * (peak.abs() + 1)
-    bound = scores * (peak + margin).sigmoid() * (1 + 1e-5)
+    peak_value = (peak + margin).sigmoid() if probabilities else (peak + margin)
+    bound = scores * peak_value * (1 + 1e-5)
     reachable = ((bound >= mask_threshold) | bound.isnan()).tolist()
     own_area = torch.zeros(count, dtype=torch.long, device=mask_logits.device)
 
-    def probabilities(start: int, stop: int) -> torch.Tensor:
-        probs = _to_mask_size(mask_logits[start:stop], mask_size).sigmoid_()  # [k, *mask_size]
+    def scaled_values(start: int, stop: int) -> torch.Tensor:
+        probs = _mask_values(mask_logits[start:stop], mask_size, probabilities)  # [k, *mask_size]
         if size is not None:
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
         probs.mul_(scores[start:stop].view(-1, 1, 1))
@@ -742,7 +854,13 @@ def _panoptic_owners(
         return probs
 
     may_be_nan = not _all_finite(peak, mask_logits.flatten(1).amin(1), scores)
-    return _chunked_first_argmax(probabilities, count, may_be_nan=may_be_nan), own_area
+    return _chunked_first_argmax(scaled_values, count, may_be_nan=may_be_nan), own_area
+
+
+def _mask_values(mask_logits: torch.Tensor, mask_size: MaskSize, probabilities: bool) -> torch.Tensor:
+    """``[k, h, w]`` logits at ``mask_size`` (a new tensor), as probabilities or left as logits."""
+    values = _to_mask_size(mask_logits, mask_size)
+    return values.sigmoid_() if probabilities else values
 
 
 # Maps resized together by _chunked_first_argmax: few enough that a chunk's full-size maps

@@ -11,7 +11,14 @@ import torch
 
 from omniseg.errors import UnsupportedModelError
 from omniseg.hub import resolve_model_dir
-from omniseg.models.auto import ARCHITECTURES, load_processor, model_class, model_type_of, processor_class
+from omniseg.models.auto import (
+    ARCHITECTURES,
+    NOT_TRAINABLE,
+    load_processor,
+    model_class,
+    model_type_of,
+    processor_class,
+)
 from omniseg.models.base import PretrainedModel
 from omniseg.models.config import read_json
 from omniseg.processing.base import PROCESSOR_NAME
@@ -61,6 +68,8 @@ def load_for_training(
         if model_type not in ARCHITECTURES:
             supported = ", ".join(sorted(ARCHITECTURES))
             raise UnsupportedModelError(path, f"model_type {model_type!r} is not supported (supported: {supported})")
+        if model_type in NOT_TRAINABLE:
+            raise UnsupportedModelError(path, NOT_TRAINABLE[model_type])
         cls = model_class(model_type)
         config = cls.config_class.from_dict(data)
         if id2label is not None:
@@ -75,6 +84,8 @@ def load_for_training(
         return model, processor, model_type, []
     directory = resolve_model_dir(model_or_config)
     model_type = model_type_of(directory)
+    if model_type in NOT_TRAINABLE:
+        raise UnsupportedModelError(directory / "config.json", NOT_TRAINABLE[model_type])
     model = model_class(model_type).from_pretrained(directory)
     processor = load_processor(directory)
     reinitialised: list[str] = []

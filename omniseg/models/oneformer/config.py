@@ -127,8 +127,8 @@ class OneFormerConfig(ModelConfig):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "OneFormerConfig":
         """Parse a ``config.json`` dict; raises :class:`UnsupportedModelError` for a backbone
-        omniseg does not implement (anything but Swin, or a timm / by-name backbone), or a
-        normalisation other than group norm."""
+        omniseg does not implement (anything but Swin, or a timm / by-name backbone), a
+        normalisation other than group norm, or widths the reference cannot load either."""
         data = dict(data)
         backbone = data.pop("backbone_config", None)
         if backbone is None:
@@ -150,6 +150,15 @@ class OneFormerConfig(ModelConfig):
         config.backbone_config = SwinConfig.from_dict(backbone)
         if config.norm != "GN":
             raise UnsupportedModelError("config", f"OneFormer norm {config.norm!r} is not supported (only 'GN')")
+        if config.conv_dim != config.hidden_dim or config.enforce_input_proj:
+            # The reference keeps the decoder's input projections in a plain list: never
+            # saved, freshly random at every load, so no checkpoint can define them.
+            raise UnsupportedModelError(
+                "config",
+                "OneFormer with decoder input projections (conv_dim != hidden_dim or enforce_input_proj) "
+                f"is not supported: the reference does not save them (conv_dim {config.conv_dim}, "
+                f"hidden_dim {config.hidden_dim})",
+            )
         if config.mask_dim != config.conv_dim:
             # The query transformer projects the mask features with a conv_dim-input conv.
             raise UnsupportedModelError(

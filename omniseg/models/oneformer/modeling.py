@@ -148,11 +148,11 @@ def _module_names(module: nn.Module, state: dict[str, Any], prefix: str, *args: 
 
 
 class OneFormerTransformerModule(nn.Module):
-    """Query positions, feature projections, level embeddings and the decoder.
+    """Query positions, level embeddings and the decoder.
 
-    Checkpoint names: ``queries_embedder``, ``input_projections.{l}`` (conv 1x1 when
-    ``conv_dim != hidden_dim`` or ``enforce_input_proj``, else nothing), ``level_embed``,
-    ``decoder``.
+    Checkpoint names: ``queries_embedder``, ``level_embed``, ``decoder``. (The features reach
+    the decoder unprojected: the configuration refuses the widths that would need the
+    reference's input projections, which it never saves.)
     """
 
     def __init__(self, config: OneFormerConfig) -> None:
@@ -161,11 +161,6 @@ class OneFormerTransformerModule(nn.Module):
         self.use_task_norm = config.use_task_norm
         self.position_features = dim // 2
         self.queries_embedder = nn.Embedding(config.num_queries, dim)
-        project = config.conv_dim != dim or config.enforce_input_proj
-        self.input_projections = nn.ModuleList(
-            nn.Conv2d(config.conv_dim, dim, kernel_size=1) if project else nn.Identity()
-            for _ in range(NUM_ATTENTION_LEVELS)
-        )
         self.decoder = OneFormerTransformerDecoder(config)
         self.level_embed = nn.Embedding(NUM_ATTENTION_LEVELS, dim)
 
@@ -181,7 +176,7 @@ class OneFormerTransformerModule(nn.Module):
         """
         Args:
             task_token: ``[B, C]``.
-            multi_scale_features: per level ``[B, h_l * w_l, conv_dim]``, lowest resolution first.
+            multi_scale_features: per level ``[B, h_l * w_l, hidden_dim]``, lowest resolution first.
             spatial_shapes: per level ``(h_l, w_l)``.
             pixel_features: ``[B, conv_dim, H, W]`` (stride 4; the mask features are their
                 ``mask_projection``).
@@ -197,9 +192,6 @@ class OneFormerTransformerModule(nn.Module):
             task_token = decoder.layernorm(task_token)
         features, positions = [], []
         for level, (sequence, (height, width)) in enumerate(zip(multi_scale_features, spatial_shapes)):
-            projection = self.input_projections[level]
-            if isinstance(projection, nn.Conv2d):  # a 1x1 conv is a linear map on channels
-                sequence = linear(sequence, projection.weight.flatten(1), projection.bias)
             features.append(sequence + self.level_embed.weight[level])
             positions.append(
                 sine_position_embedding(
