@@ -573,7 +573,8 @@ def post_process_topk_segments(
     > ``threshold`` (``None``: all) and, with ``allowed_labels``, their class is one of them.
     They become segments as in :func:`compute_segments` with ``probabilities=False``: each
     pixel goes to the pair with the highest score x mask *logit* (at the model's mask size,
-    resized bilinearly to the target), nothing fused.
+    resized to the target with antialiased bilinear, torchvision's default, as the reference
+    does), nothing fused.
 
     Args:
         outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
@@ -621,6 +622,7 @@ def post_process_topk_segments(
                 label_ids_to_fuse=set(),
                 mask_size=None,
                 probabilities=False,
+                antialias=True,
             )
             if return_coco_annotation:  # not for an empty result, as in the reference
                 result["segmentation"] = convert_segmentation_to_rle(result["segmentation"])
@@ -689,6 +691,7 @@ def post_process_panoptic_segmentation(
     target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
     *,
     mask_size: MaskSize = REFERENCE_MASK_SIZE,
+    antialias: bool = False,
 ) -> list[dict[str, Any]]:
     """Panoptic segments: each pixel goes to the kept query with the highest score x mask prob.
 
@@ -704,6 +707,8 @@ def post_process_panoptic_segmentation(
         outputs: object with ``class_queries_logits [B, Q, C+1]`` and ``masks_queries_logits [B, Q, h, w]``.
         target_sizes: one ``(height, width)`` per image; default ``mask_size``.
         mask_size: the size masks are resized to first (None: their own).
+        antialias: resize to the target with antialiased bilinear (torchvision's default,
+            which OneFormer's reference uses) rather than plain bilinear.
 
     Returns:
         One dict per image: ``segmentation`` (int32 ``[H, W]`` segment ids, 0 = none; float32
@@ -737,6 +742,7 @@ def post_process_panoptic_segmentation(
                 overlap_mask_area_threshold=overlap_mask_area_threshold,
                 label_ids_to_fuse=fuse,
                 mask_size=mask_size,
+                antialias=antialias,
             )
         )
     return results
@@ -753,6 +759,7 @@ def compute_segments(
     label_ids_to_fuse: set[int],
     mask_size: MaskSize = REFERENCE_MASK_SIZE,
     probabilities: bool = True,
+    antialias: bool = False,
 ) -> dict[str, Any]:
     """Segments of some queries: each pixel goes to the query with the highest score x mask
     value (see :func:`post_process_panoptic_segmentation` for the rules and the result).
@@ -763,9 +770,12 @@ def compute_segments(
         size: output ``(height, width)``; None for the mask size.
         probabilities: the mask values are the logits' sigmoid (panoptic); False: the raw
             logits (OneFormer's instance post-processing, as its reference does).
+        antialias: resize with antialiased bilinear (see :func:`post_process_panoptic_segmentation`).
     """
     count = scores.shape[0]
-    owner, own_area = _panoptic_owners(mask_logits, scores, size, mask_threshold, mask_size, probabilities)
+    owner, own_area = _panoptic_owners(
+        mask_logits, scores, size, mask_threshold, mask_size, probabilities=probabilities, antialias=antialias
+    )
     won_area = torch.bincount(owner.flatten(), minlength=count)
     ratio = won_area / own_area  # the reference's float32 division, compared as a Python float
     exists = ((won_area > 0) & (own_area > 0) & (ratio.double() > overlap_mask_area_threshold)).tolist()
@@ -799,7 +809,9 @@ def _panoptic_owners(
     size: tuple[int, int] | None,
     mask_threshold: float,
     mask_size: MaskSize = REFERENCE_MASK_SIZE,
+    *,
     probabilities: bool = True,
+    antialias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which query owns each pixel, and each query's own mask area, for panoptic segments.
 
@@ -816,6 +828,7 @@ def _panoptic_owners(
         mask_size: the size masks are resized to first (None: their own).
         probabilities: take the sigmoid of the logits (else the logits themselves, resized
             and scaled the same way).
+        antialias: resize with antialiased bilinear (PyTorch's, before the reduction).
 
     Returns:
         ``owner [H, W]`` (long, query index) and ``own_area [K]`` (long).
@@ -830,6 +843,9 @@ def _panoptic_owners(
         for start in range(0, count, _CHUNK):
             stop = min(start + _CHUNK, count)
             probs = _mask_values(mask_logits[start:stop], mask_size, probabilities)  # [k, *mask_size]
+            if antialias and (height, width) != tuple(probs.shape[1:]):
+                # The kernel resizes plain bilinear only: it gets the resized maps to reduce.
+                probs = _resize(probs, (height, width), antialias=True)
             scored_argmax.update(probs, scores[start:stop], start, mask_threshold, best, owner, own_area)
         return owner, own_area
 
@@ -846,7 +862,7 @@ def _panoptic_owners(
     def scaled_values(start: int, stop: int) -> torch.Tensor:
         probs = _mask_values(mask_logits[start:stop], mask_size, probabilities)  # [k, *mask_size]
         if size is not None:
-            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+            probs = _resize(probs, size, antialias=antialias)
         probs.mul_(scores[start:stop].view(-1, 1, 1))
         for k in range(start, stop):
             if reachable[k]:
@@ -855,6 +871,11 @@ def _panoptic_owners(
 
     may_be_nan = not _all_finite(peak, mask_logits.flatten(1).amin(1), scores)
     return _chunked_first_argmax(scaled_values, count, may_be_nan=may_be_nan), own_area
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int], *, antialias: bool) -> torch.Tensor:
+    """``[k, h, w]`` -> ``[k, *size]``, bilinear (``align_corners=False``)."""
+    return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
 def _mask_values(mask_logits: torch.Tensor, mask_size: MaskSize, probabilities: bool) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,8 +45,10 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
 
     Images are prepared as by Mask2Former's processor without rounding sizes up to a multiple
     of 32 (the reference's OneFormer processor has no ``size_divisor``); semantic and panoptic
-    post-processing are MaskFormer's (masks at the model's own resolution); instance
-    post-processing is OneFormer's own (see :meth:`post_process_instance_segmentation`).
+    post-processing are MaskFormer's (masks at the model's own resolution), except that
+    panoptic maps are resized to the targets with antialiased bilinear (the reference uses
+    torchvision there); instance post-processing is OneFormer's own (see
+    :meth:`post_process_instance_segmentation`).
 
     ``tokenizer`` (read from the model directory by :meth:`from_pretrained`) turns the task
     into ``task_inputs``; ``task_seq_length`` is their length (the reference processor's,
@@ -190,6 +192,29 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
             allowed_labels=thing_ids,
             relabel=relabel,
             return_coco_annotation=return_coco_annotation,
+        )
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: Iterable[int] | None = None,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[dict[str, Any]]:
+        """MaskFormer's panoptic segments, resized to the targets with antialiased bilinear
+        (the reference's OneFormer resizes them with torchvision); see
+        :func:`omniseg.processing.mask_classification.post_process_panoptic_segmentation`."""
+        return mask_classification.post_process_panoptic_segmentation(
+            outputs,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            label_ids_to_fuse=label_ids_to_fuse,
+            target_sizes=target_sizes,
+            mask_size=self.mask_size,
+            antialias=True,
         )
 
     def thing_ids(self) -> list[int]:

@@ -52,6 +52,7 @@ DECODER_RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 TEXT_MAPPER_PREFIX = "model.text_mapper."
+LOGIT_SCALE = "criterion.logit_scale"
 
 
 @dataclasses.dataclass
@@ -255,6 +256,17 @@ class OneFormerModel(nn.Module):
             self.text_mapper = OneFormerTextMapper(config)
 
 
+class OneFormerLossTensors(nn.Module):
+    """``logit_scale``: the contrastive loss's learned temperature (a trained parameter of the
+    reference's loss, saved in its checkpoints; held here so it round-trips). float64, as the
+    reference makes it."""
+
+    def __init__(self, config: OneFormerConfig) -> None:
+        super().__init__()
+        initial = torch.tensor(1 / config.contrastive_temperature, dtype=torch.float64).log()
+        self.logit_scale = nn.Parameter(initial)
+
+
 class OneFormerForUniversalSegmentation(PretrainedModel):
     """OneFormer; loads and saves hub ``OneFormerForUniversalSegmentation`` checkpoints.
 
@@ -270,27 +282,37 @@ class OneFormerForUniversalSegmentation(PretrainedModel):
         with_text_mapper: build the training-only text mapper (to hold its weights); by
             default when ``config.is_training``, as the reference does. Loading builds it
             whenever the checkpoint has its tensors.
+        with_logit_scale: hold the loss's ``criterion.logit_scale`` (the reference always
+            saves it; loading holds it where the checkpoint has it).
     """
 
     config_class = OneFormerConfig
     architecture = "OneFormerForUniversalSegmentation"
-    # The criterion's class weights and logit scale are derived from the config.
-    ignore_on_load = SWIN_IGNORE_ON_LOAD + ("criterion.empty_weight", "criterion.logit_scale")
+    # The criterion's class weights are derived from the config.
+    ignore_on_load = SWIN_IGNORE_ON_LOAD + ("criterion.empty_weight",)
 
     config: OneFormerConfig
 
-    def __init__(self, config: OneFormerConfig, *, with_text_mapper: bool | None = None) -> None:
+    def __init__(
+        self, config: OneFormerConfig, *, with_text_mapper: bool | None = None, with_logit_scale: bool = True
+    ) -> None:
         super().__init__(config)
         if with_text_mapper is None:
             with_text_mapper = config.is_training
         self.model = OneFormerModel(config, with_text_mapper=with_text_mapper)
+        if with_logit_scale:
+            self.criterion = OneFormerLossTensors(config)
 
     @classmethod
     def for_checkpoint(cls, config: OneFormerConfig, state: Mapping[str, Tensor]) -> "OneFormerForUniversalSegmentation":
-        """The text mapper exists where the checkpoint has its tensors (hub checkpoints carry
-        them with ``is_training`` off)."""
+        """The text mapper and the loss's logit scale exist where the checkpoint has their
+        tensors (hub checkpoints carry the text mapper with ``is_training`` off)."""
         carries_text_mapper = any(name.startswith(TEXT_MAPPER_PREFIX) for name in state)
-        return cls(config, with_text_mapper=carries_text_mapper or config.is_training)
+        return cls(
+            config,
+            with_text_mapper=carries_text_mapper or config.is_training,
+            with_logit_scale=LOGIT_SCALE in state,
+        )
 
     def forward(
         self,
@@ -340,16 +362,19 @@ class OneFormerForUniversalSegmentation(PretrainedModel):
         )
 
     def reference_only_tensors(self) -> dict[str, Tensor]:
-        # The reference keeps its loss's class weights and contrastive logit scale as saved
-        # tensors, and its Swin backbone has a final layer norm that feature maps never use.
+        # The reference keeps its loss's class weights as a saved tensor (and its logit
+        # scale, at its initial value where the loaded checkpoint had none), and its Swin
+        # backbone has a final layer norm that feature maps never use.
         config = self.config
         empty_weight = torch.ones(config.num_labels + 1)
         empty_weight[-1] = config.no_object_weight
         width = config.backbone_config.hidden_size
         prefix = "model.pixel_level_module.encoder.swin.layernorm."
-        return {
+        tensors = {
             "criterion.empty_weight": empty_weight,
-            "criterion.logit_scale": torch.tensor(1 / config.contrastive_temperature).log(),
             prefix + "weight": torch.ones(width),
             prefix + "bias": torch.zeros(width),
         }
+        if not hasattr(self, "criterion"):
+            tensors[LOGIT_SCALE] = OneFormerLossTensors(config).logit_scale.detach()
+        return tensors
