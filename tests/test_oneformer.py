@@ -192,10 +192,11 @@ def _post_processing_cases():
                        "label_ids_to_fuse": {0, 2, 4}}
 
 
-@pytest.mark.parametrize("target_sizes", [None, [(61, 83), (133, 121)]])
+@pytest.mark.parametrize("target_sizes", [None, [(61, 83), (133, 121)], [(9, 13), (11, 10)]])
 def test_post_processing_matches_reference(reference_dirs, reference_outputs, target_sizes):
     """Every post-processing path on real model outputs (both tiny models, every task) and on
-    structured outputs with many clear segments, at the model's mask size and resized."""
+    structured outputs with many clear segments, at the model's mask size, enlarged and
+    shrunk (where antialiased and plain bilinear resizing differ most)."""
     reference = OneFormerProcessor.from_pretrained(reference_dirs["small"])
     ours = load_processor(reference_dirs["small"])
     outputs = [output for _, output in reference_outputs.values()]
