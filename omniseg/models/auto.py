@@ -28,6 +28,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
         "omniseg.processing.maskformer",
         "MaskFormerImageProcessor",
     ),
+    "detr": (
+        "omniseg.models.detr",
+        "DetrForSegmentation",
+        "omniseg.processing.detr",
+        "DetrImageProcessor",
+    ),
     "segformer": (
         "omniseg.models.segformer",
         "SegformerForSemanticSegmentation",
