@@ -52,6 +52,9 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
 # mask targets) rather than pixels.
 MASK_CLASSIFICATION_TYPES = frozenset({"mask2former", "maskformer"})
 
+# Architectures omniseg runs but does not fine-tune (``omniseg train`` refuses them).
+INFERENCE_ONLY_TYPES = frozenset({"detr"})
+
 
 def model_type_of(directory: Path) -> str:
     config = read_json(directory / CONFIG_NAME)

@@ -11,7 +11,14 @@ import torch
 
 from omniseg.errors import UnsupportedModelError
 from omniseg.hub import resolve_model_dir
-from omniseg.models.auto import ARCHITECTURES, load_processor, model_class, model_type_of, processor_class
+from omniseg.models.auto import (
+    ARCHITECTURES,
+    INFERENCE_ONLY_TYPES,
+    load_processor,
+    model_class,
+    model_type_of,
+    processor_class,
+)
 from omniseg.models.base import PretrainedModel
 from omniseg.models.config import read_json
 from omniseg.processing.base import PROCESSOR_NAME
@@ -61,6 +68,7 @@ def load_for_training(
         if model_type not in ARCHITECTURES:
             supported = ", ".join(sorted(ARCHITECTURES))
             raise UnsupportedModelError(path, f"model_type {model_type!r} is not supported (supported: {supported})")
+        _refuse_inference_only(model_type, path)
         cls = model_class(model_type)
         config = cls.config_class.from_dict(data)
         if id2label is not None:
@@ -75,9 +83,19 @@ def load_for_training(
         return model, processor, model_type, []
     directory = resolve_model_dir(model_or_config)
     model_type = model_type_of(directory)
+    _refuse_inference_only(model_type, directory)
     model = model_class(model_type).from_pretrained(directory)
     processor = load_processor(directory)
     reinitialised: list[str] = []
     if id2label is not None:
         model, reinitialised = with_labels(model, id2label, seed=seed)
     return model, processor, model_type, reinitialised
+
+
+def _refuse_inference_only(model_type: str, source: Path) -> None:
+    if model_type in INFERENCE_ONLY_TYPES:
+        raise UnsupportedModelError(
+            source,
+            f"training is not offered for model_type {model_type!r}: omniseg runs it for inference only "
+            "(segment, evaluate, serve, the Python API)",
+        )

@@ -105,7 +105,7 @@ def _resnet_of(config: DetrConfig) -> tuple[ResNetConfig, bool]:
             supported = ", ".join(sorted(_TIMM_RESNET_DEPTHS))
             raise UnsupportedModelError("backbone", f"timm backbone {name!r} is not supported (supported: {supported})")
         out_indices = list(raw.get("out_indices") or [1, 2, 3, 4])
-        if out_indices != [1, 2, 3, 4] or raw.get("output_stride", 32) != 32:
+        if out_indices != [1, 2, 3, 4] or (raw.get("output_stride") or 32) != 32:
             raise UnsupportedModelError(
                 "backbone_config", "DETR segmentation needs the four ResNet stages at strides 4-32 (out_indices 1-4)"
             )

@@ -121,13 +121,9 @@ class MaskHeadSmallConv(nn.Module):
         return ImageContext(first_conv=first, adapted=[adapter(m) for adapter, m in zip(adapters, fpn_maps)])
 
     def forward(self, context: ImageContext, attention: Tensor) -> Tensor:
-        """``attention [K, heads, h, w]`` of ``K`` queries of one image -> mask logits
+        """``attention [K, heads, h, w]`` of ``K >= 1`` queries of one image -> mask logits
         ``[K, H_4, W_4]`` (the size of the stride-4 backbone map)."""
-        masks = [self._decode(context, chunk) for chunk in attention.split(QUERY_CHUNK)]
-        if not masks:
-            height, width = context.adapted[-1].shape[-2:]
-            return attention.new_zeros(0, height, width)
-        return torch.cat(masks)
+        return torch.cat([self._decode(context, chunk) for chunk in attention.split(QUERY_CHUNK)])
 
     def _decode(self, context: ImageContext, attention: Tensor) -> Tensor:
         attention_weight = self.lay1.weight[:, self.image_channels :]

@@ -216,6 +216,8 @@ class DetrForSegmentation(PretrainedModel):
         contexts: dict[int, Any],
     ) -> Tensor:
         """Mask logits ``[K, H/4, W/4]`` of some queries of one image of a forward pass."""
+        if query_indices.numel() == 0:
+            return projected.new_zeros(0, *fpn_maps[-1].shape[-2:])
         with torch.set_grad_enabled(grad_enabled):
             if image not in contexts:
                 contexts[image] = self.mask_head.image_context(
