@@ -145,6 +145,11 @@ def build_reference_detr(
     if perturb:
         perturb_parameters(model, seed=seed, scale=perturb)
     perturb_frozen_batch_norms(model, seed=seed)
+    with torch.no_grad():
+        # The mask head's first conv sees the unnormalised projected backbone map: biases of
+        # the size of the other weights' noise would not move its output by 1e-5.
+        bias = model.mask_head.conv1.conv.bias
+        bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 20.0)
     model.eval().save_pretrained(directory)
     reference_detr_processor(shortest_edge=shortest_edge, longest_edge=longest_edge).save_pretrained(directory)
     return directory

@@ -92,8 +92,11 @@ def test_processor_outputs_identical(reference_dirs, small_street_photos, street
             assert set(got) == set(expected) == {"pixel_values", "pixel_mask"}
             for key in got:
                 assert got[key].shape == expected[key].shape and torch.equal(got[key], expected[key]), key
-    # The hub's legacy settings (size 800 as an int, max_size) read as the reference reads them,
-    # and what omniseg writes loads there with the same settings.
+    # The hub's legacy settings (size 800 as an int, max_size default 1333) read as the
+    # reference reads them, and what omniseg writes loads there with the same settings.
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 800}))
+    assert DetrImageProcessor.from_pretrained(tmp_path).size == {"shortest_edge": 800, "longest_edge": 1333}
+    assert DetrImageProcessorPil.from_pretrained(tmp_path).size.longest_edge == 1333
     legacy = {"size": 800, "max_size": 1000, "format": "coco_panoptic", "do_normalize": True}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
     ours = DetrImageProcessor.from_pretrained(tmp_path)
