@@ -16,6 +16,9 @@ depend on the query is computed once per image (:meth:`MaskHeadSmallConv.image_c
   are convolved and added (``C + heads`` -> ``heads`` input channels per query);
 * the adapters (1x1 convs of 256-1024 channels at strides 16-4) see only the image's maps.
 
+The query maps are kept in channels-last memory, where PyTorch's CPU convolutions run about
+20% faster on these shapes (10 queries at 800x1066 input: 0.82-0.91 against 1.06-1.10 s,
+busy shared machine), with :class:`GroupNorm`'s exact statistics on that layout.
 Queries then go through the rest a chunk at a time, so memory stays bounded, and only the
 queries asked for are computed (:meth:`DetrForSegmentation` uses that to decode just the
 masks that post-processing can keep). Names mirror the hub checkpoints (``lay1``..``lay5``,
@@ -118,7 +121,8 @@ class MaskHeadSmallConv(nn.Module):
         image_weight = self.lay1.weight[:, : self.image_channels]
         first = F.conv2d(features, image_weight, self.lay1.bias, padding=1)
         adapters = (self.adapter1, self.adapter2, self.adapter3)
-        return ImageContext(first_conv=first, adapted=[adapter(m) for adapter, m in zip(adapters, fpn_maps)])
+        adapted = [adapter(m).contiguous(memory_format=torch.channels_last) for adapter, m in zip(adapters, fpn_maps)]
+        return ImageContext(first_conv=first.contiguous(memory_format=torch.channels_last), adapted=adapted)
 
     def forward(self, context: ImageContext, attention: Tensor) -> Tensor:
         """``attention [K, heads, h, w]`` of ``K >= 1`` queries of one image -> mask logits
@@ -127,6 +131,7 @@ class MaskHeadSmallConv(nn.Module):
 
     def _decode(self, context: ImageContext, attention: Tensor) -> Tensor:
         attention_weight = self.lay1.weight[:, self.image_channels :]
+        attention = attention.contiguous(memory_format=torch.channels_last)
         x = F.conv2d(attention, attention_weight, padding=1) + context.first_conv
         x = F.relu(self.gn1(x))
         x = F.relu(self.gn2(self.lay2(x)))
