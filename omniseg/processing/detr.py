@@ -143,6 +143,14 @@ class DetrImageProcessor(ImageProcessor):
         logits = {"class_queries_logits": outputs.logits, "masks_queries_logits": outputs.pred_masks}
         return mask_classification.post_process_semantic_segmentation(logits, target_sizes=target_sizes, mask_size=None)
 
+    def semantic_scores(
+        self, outputs: Any, target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per image ``[C, height, width]`` class scores whose argmax is the semantic map (test-time
+        flip averages them; see :func:`mask_classification.semantic_scores`)."""
+        logits = {"class_queries_logits": outputs.logits, "masks_queries_logits": outputs.pred_masks}
+        return mask_classification.semantic_scores(logits, target_sizes=target_sizes, mask_size=None)
+
     def post_process_instance_segmentation(
         self,
         outputs: Any,
