@@ -11,10 +11,11 @@ pipeline call in fresh processes.
     python benchmarks/bench_detr.py [--repeats 5] [--threshold 0.9] [--threads N] [--quick]
 
 Answers are checked first (pipeline segments: labels and pixels; preprocessing; logits,
-boxes and masks). Random weights give every query nearly the same state; the class head is
-biased so that every query passes ``--threshold`` (the pipeline's, 0.9 by default; the count
-of kept queries is printed). omniseg decodes the masks of kept queries only, so all 100 kept
-is its worst case (a trained model keeps a few dozen).
+boxes and masks). Random weights give every query nearly the same state, so the heads are set
+to read what differs between queries on the photo (``make_queries_distinct`` of
+tests/reference_detr.py). ``--threshold`` is the pipeline's (0.9 by default); the number of
+kept queries is printed: omniseg decodes the masks of kept queries only, the forward row
+times all 100.
 
 Needs the test extra (``transformers``).
 """
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_pipeline import interleaved, peak_rss_rise_mb, photo, same_segments  # noqa: E402
+from reference_detr import make_queries_distinct  # noqa: E402
 
 
 def build_checkpoint(directory: Path, *, quick: bool) -> None:
@@ -50,12 +53,13 @@ def build_checkpoint(directory: Path, *, quick: bool) -> None:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
-        # Random init gives near-uniform classes (best probability ~0.005) and nearly the same
-        # state to every query: a large bias on one class makes all 100 queries confident, so
-        # the pipeline keeps (and omniseg decodes) every mask: omniseg's worst case.
-        model.detr.class_labels_classifier.bias[0] += 12.0
+    processor = DetrImageProcessorPil()  # shortest edge 800, longest 1333
+    # Random init gives every query nearly the same state, class and mask (near-ties at every
+    # pixel, which float rounding flips); set the heads to read what differs between queries
+    # on this photo, as tests/reference_detr.py does for the tests' photo model.
+    make_queries_distinct(model, processor(images=[photo()], return_tensors="pt"))
     model.save_pretrained(directory)
-    DetrImageProcessorPil().save_pretrained(directory)  # shortest edge 800, longest 1333
+    processor.save_pretrained(directory)
 
 
 def main() -> int:

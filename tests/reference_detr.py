@@ -180,13 +180,22 @@ def build_photo_detr(directory: str | Path, id2label: dict[int, str], photo: Ima
     perturb_parameters(model, seed=seed, scale=0.1)
     perturb_frozen_batch_norms(model, seed=seed)
     processor = reference_detr_processor(shortest_edge=120, longest_edge=200)
+    make_queries_distinct(model, processor(images=[photo], return_tensors="pt"), seed=seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def make_queries_distinct(model: torch.nn.Module, inputs: dict[str, torch.Tensor], *, seed: int = 0) -> None:
+    """Set a reference ``DetrForSegmentation``'s heads, in place, so that the image of ``inputs``
+    gets queries of different classes, scores and masks (see :func:`build_photo_detr`)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.detr.model.decoder.layers:
             layer.encoder_attn.q_proj.weight.mul_(8.0)
             layer.encoder_attn.k_proj.weight.mul_(8.0)
             layer.encoder_attn.v_proj.weight.mul_(5.0)
-        first = model(**processor([photo], return_tensors="pt"))
+        first = model(**inputs)
         states, memory = first.last_hidden_state[0], first.encoder_last_hidden_state[0]  # [Q, C], [hw, C]
         channels = states.shape[1]
 
@@ -198,7 +207,7 @@ def build_photo_detr(directory: str | Path, id2label: dict[int, str], photo: Ima
             return weight, -weight @ values.mean(0)
 
         head = model.detr.class_labels_classifier
-        head.weight.copy_(reading_deviations(len(id2label) + 1, states, 1.5)[0])
+        head.weight.copy_(reading_deviations(head.weight.shape[0], states, 1.5)[0])
         head.weight[-1].zero_()
         head.bias.copy_(-head.weight @ states.mean(0))
         head.bias[-1] = -1.0
@@ -214,6 +223,3 @@ def build_photo_detr(directory: str | Path, id2label: dict[int, str], photo: Ima
         for stage in model.mask_head.fpn_stages:
             stage.fpn_adapter.weight.mul_(0.05)
             stage.fpn_adapter.bias.mul_(0.05)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
