@@ -34,6 +34,12 @@ ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
         "omniseg.processing.oneformer",
         "OneFormerImageProcessor",
     ),
+    "detr": (
+        "omniseg.models.detr",
+        "DetrForSegmentation",
+        "omniseg.processing.detr",
+        "DetrImageProcessor",
+    ),
     "segformer": (
         "omniseg.models.segformer",
         "SegformerForSemanticSegmentation",
@@ -56,6 +62,8 @@ MASK_CLASSIFICATION_TYPES = frozenset({"mask2former", "maskformer"})
 NOT_TRAINABLE: dict[str, str] = {
     "oneformer": "training is not offered for OneFormer (omniseg runs it for inference only: "
     "its task-conditioned targets and contrastive text loss are not implemented)",
+    "detr": "training is not offered for model_type 'detr': omniseg runs it for inference only "
+    "(segment, evaluate, serve, the Python API)",
 }
 
 

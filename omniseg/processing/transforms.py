@@ -503,6 +503,10 @@ def pad_batch(
         height = int(math.ceil(height / pad_to_multiple_of) * pad_to_multiple_of)
         width = int(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of)
     first = images[0]
+    if all(tuple(im.shape[-2:]) == (height, width) for im in images):
+        # Nothing to pad (one image, or a batch of one size): no fill and copy of every pixel.
+        batch = first.unsqueeze(0) if len(images) == 1 else torch.stack(list(images))
+        return batch, torch.ones((len(images), height, width), dtype=torch.int64, device=first.device)
     batch = first.new_full((len(images), *first.shape[:-2], height, width), fill)
     pixel_mask = torch.zeros((len(images), height, width), dtype=torch.int64, device=first.device)
     for i, image in enumerate(images):

@@ -92,3 +92,4 @@ def load_for_training(
     if id2label is not None:
         model, reinitialised = with_labels(model, id2label, seed=seed)
     return model, processor, model_type, reinitialised
+

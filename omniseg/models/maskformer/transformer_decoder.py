@@ -40,14 +40,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``query [B, Q, C]`` (positions included), ``key [B, N, C]`` (positions included),
-        ``value [B, N, C]`` -> ``[B, Q, C]``."""
+        ``value [B, N, C]`` -> ``[B, Q, C]``. ``key_mask [B, 1, 1, N]`` (bool, optional):
+        which keys may be attended to (DETR's padding mask)."""
         q = _split_heads(self.q_proj(query), self.num_heads)
         k = _split_heads(self.k_proj(key), self.num_heads)
         v = _split_heads(self.v_proj(value), self.num_heads)
         dropout = self.dropout if self.training else 0.0
-        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+        return self.out_proj(_merge_heads(attended))
 
 
 class DetrDecoderLayer(nn.Module):
@@ -67,13 +69,22 @@ class DetrDecoderLayer(nn.Module):
         self.fc2 = Linear(config.decoder_ffn_dim, dim)
         self.final_layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, hidden: Tensor, query_positions: Tensor, memory: Tensor, memory_keys: Tensor) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        query_positions: Tensor,
+        memory: Tensor,
+        memory_keys: Tensor,
+        memory_mask: Tensor | None = None,
+    ) -> Tensor:
         """
         Args:
             hidden: ``[B, Q, C]`` query states.
             query_positions: ``[B, Q, C]`` (or ``[1, Q, C]``) query position embeddings.
             memory: ``[B, N, C]`` image features (the values).
             memory_keys: ``[B, N, C]`` image features plus their position embeddings.
+            memory_mask: ``[B, 1, 1, N]`` bool, the image features that are not padding
+                (DETR; ``None``: all of them, as MaskFormer).
 
         Returns:
             ``[B, Q, C]``.
@@ -81,7 +92,7 @@ class DetrDecoderLayer(nn.Module):
         with_positions = hidden + query_positions
         attended = self.self_attn(with_positions, with_positions, hidden)
         hidden = self.self_attn_layer_norm(hidden + self._drop(attended, self.dropout))
-        attended = self.encoder_attn(hidden + query_positions, memory_keys, memory)
+        attended = self.encoder_attn(hidden + query_positions, memory_keys, memory, memory_mask)
         hidden = self.encoder_attn_layer_norm(hidden + self._drop(attended, self.dropout))
         inner = self._drop(self.activation(self.fc1(hidden)), self.activation_dropout)
         return self.final_layer_norm(hidden + self._drop(self.fc2(inner), self.dropout))
@@ -100,14 +111,20 @@ class DetrDecoder(nn.Module):
         self.layernorm = nn.LayerNorm(config.d_model)
 
     def forward(
-        self, hidden: Tensor, query_positions: Tensor, memory: Tensor, memory_keys: Tensor
+        self,
+        hidden: Tensor,
+        query_positions: Tensor,
+        memory: Tensor,
+        memory_keys: Tensor,
+        memory_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Returns the normalised final states ``[B, Q, C]`` and the states each layer was
-        given (the first is ``hidden``; the reference's ``hidden_states`` but the last)."""
+        given (the first is ``hidden``; the reference's ``hidden_states`` but the last).
+        ``memory_mask``: see :meth:`DetrDecoderLayer.forward`."""
         inputs = []
         for layer in self.layers:
             inputs.append(hidden)
-            hidden = layer(hidden, query_positions, memory, memory_keys)
+            hidden = layer(hidden, query_positions, memory, memory_keys, memory_mask)
             if self.normalise_between_layers:
                 # With DETR's auxiliary_loss the reference feeds each layer normalised states.
                 hidden = self.layernorm(hidden)
