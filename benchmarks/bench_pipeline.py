@@ -33,6 +33,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's omniseg, not whichever one the environment has installed.
+sys.path.insert(0, str(REPO))
 CAMVID_FRAME = REPO.parent / "shared" / "datasets" / "camvid" / "images" / "val" / "0016E5_07959.png"
 
 
