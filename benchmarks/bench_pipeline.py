@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's omniseg, not whichever one the environment has installed.
+sys.path.insert(0, str(REPO))
 CAMVID_FRAME = REPO.parent / "shared" / "datasets" / "camvid" / "images" / "val" / "0016E5_07959.png"
 
 
@@ -75,6 +78,78 @@ def photo() -> Image.Image:
         return Image.open(CAMVID_FRAME).convert("RGB").resize((640, 480), Image.BILINEAR)
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+
+
+def machine_report() -> list[str]:
+    """Lines that tell figures from different machines apart: the CPU (model, family/model
+    numbers and the vector extensions that decide the kernels), torch's build (BLAS, oneDNN,
+    OpenMP, the CPU capability it dispatches to), the products' paths, threads and load."""
+    cpu = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            cpu.setdefault(name.strip(), value.strip())
+    flags = set(cpu.get("flags", "").split())
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    lines = [
+        f"CPU: {cpu.get('model name') or platform.processor() or platform.machine()}"
+        f" (vendor {cpu.get('vendor_id', '?')}, family {cpu.get('cpu family', '?')}, model {cpu.get('model', '?')}),"
+        f" {os.cpu_count()} logical CPUs; extensions: {', '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}",
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
+    ]
+    build = [line.strip(" -") for line in torch.__config__.show().splitlines()]
+    lines += [f"  build: {line}" for line in build if line.startswith(("Intel(R)", "OpenMP", "LAPACK", "BLAS"))]
+    from omniseg.ops.linear import _ONEDNN_LINEAR
+
+    lines.append(
+        "products: omniseg linear layers on "
+        + ("oneDNN matmul (packed weights)" if _ONEDNN_LINEAR and torch.backends.mkldnn.enabled else "F.linear (BLAS)")
+        + f", reference's on F.linear ({'MKL' if torch.backends.mkl.is_available() else 'BLAS'} sgemm); "
+        f"convolutions on {'oneDNN' if torch.backends.mkldnn.enabled else 'ATen'}; "
+        f"int8 dynamic quantization engine {torch.backends.quantized.engine}"
+    )
+    lines += kernel_paths()
+    lines.append(f"threads {torch.get_num_threads()}; load average {load_average()}")
+    return lines
+
+
+def kernel_paths() -> list[str]:
+    """What MKL and oneDNN say they run, from their verbose logs in a child process: MKL's
+    code path for the reference's sgemm (on AMD CPUs it reports a generic "Intel(R)
+    Architecture processors" path), oneDNN's ISA and the implementation of one of the
+    model's linear shapes and of the FPN's 3x3 convolution."""
+    import subprocess
+
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from omniseg.ops.linear import linear, PackedWeights
+torch.set_num_threads(1)
+x, w = torch.randn(4032, 256), torch.randn(1024, 256)
+with torch.no_grad():
+    torch.nn.functional.linear(x, w)
+    linear(x, w, packed=PackedWeights())
+    torch.nn.functional.conv2d(torch.randn(1, 256, 24, 32).contiguous(memory_format=torch.channels_last),
+                               torch.randn(256, 256, 3, 3), padding=1)
+"""
+    env = {**os.environ, "MKL_VERBOSE": "1", "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    lines = []
+    for line in out.splitlines():
+        if line.startswith("MKL_VERBOSE") and "SGEMM" not in line:
+            lines.append("  MKL: " + line.removeprefix("MKL_VERBOSE ").strip())
+        elif ",info,cpu,isa:" in line:
+            lines.append("  oneDNN ISA: " + line.split("isa:", 1)[1])
+        elif ",primitive,exec,cpu," in line and ("inner_product" in line or "convolution" in line):
+            fields = line.split(",")
+            lines.append(f"  oneDNN {fields[5]}: {fields[6]} ({fields[-2]})")
+    return lines or ["  (no MKL / oneDNN verbose output)"]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other work on a shared machine)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
@@ -162,7 +237,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="shallower backbone, for a smoke run")
     parser.add_argument("--model", type=Path, default=None, help="benchmark this checkpoint instead of a random Swin-T")
-    parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--batches", default="1,4,8", help="batch sizes to time ('' for none)")
     args = parser.parse_args()
 
     import transformers
@@ -205,7 +280,8 @@ def main() -> int:
             ((getattr(our_out, k) - getattr(ref_out, k)).abs().max() / getattr(ref_out, k).abs().max()).item()
             for k in ("class_queries_logits", "masks_queries_logits")
         )
-        print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+        print("\n".join(machine_report()))
+        print(f"transformers {transformers.__version__}")
         print("numba kernels:", "yes" if kernels_apply() else "no, PyTorch paths")
         print(f"model: {'random Swin-T COCO-panoptic architecture' if args.model is None else args.model}")
         print(f"photo 640x480, panoptic threshold {args.threshold}: {len(a)} segments (reference {len(b)})")
@@ -251,7 +327,7 @@ def main() -> int:
 
         print("\n| batch | omniseg images/s | reference images/s | ratio |")
         print("|---|---|---|---|")
-        for size in [int(s) for s in args.batches.split(",")]:
+        for size in [int(s) for s in args.batches.split(",") if s]:
             images = [image] * size
             t = interleaved(
                 {
@@ -295,6 +371,7 @@ def main() -> int:
               f"{t['float32 pipeline'] / t['int8 pipeline']:.2f}x | {t['reference pipeline'] / t['int8 pipeline']:.2f}x |")
         print(f"int8 vs float32: logits max rel. diff {fast_error:.3f}; panoptic labels identical {f_labels}, "
               f"pixels with the same label {f_pixels:.4f}")
+        print(f"load average at the end: {load_average()}")
     return 0
 
 

@@ -150,3 +150,21 @@ def test_group_selection_evaluates_only_the_named_groups(tiny_camvid: Path, tiny
     assert json.loads((tmp_path / "all" / "metrics.json").read_text())["images"] == 3
     assert main([*common, "--groups", "nope", "--out", str(tmp_path / "bad")]) == 2
     assert "no samples in group(s) nope" in capsys.readouterr().err
+
+
+def test_quantized_model_is_evaluated(tiny_camvid: Path, tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+    """--quantize int8 evaluates the fast CPU mode's model, and says so in metrics.json."""
+    from omniseg.pipelines import image_segmentation
+
+    quantized = []
+    original = image_segmentation.quantize_linear_layers
+    monkeypatch.setattr(image_segmentation, "quantize_linear_layers",
+                        lambda *args: quantized.append(args[1]) or original(*args))
+    common = ["evaluate", "--model", str(tiny_model), "--data", str(tiny_camvid), "--examples", "0"]
+    assert main([*common, "--quantize", "int8", "--out", str(tmp_path / "int8")]) == 0
+    assert quantized == ["int8"]
+    assert main([*common, "--out", str(tmp_path / "float32")]) == 0
+    assert quantized == ["int8"]
+    int8, float32 = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("int8", "float32"))
+    assert int8["quantize"] == "int8" and float32["quantize"] is None
+    assert int8["images"] == float32["images"] == 3

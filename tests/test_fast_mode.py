@@ -48,3 +48,26 @@ def test_int8_answers_are_close_to_float32(pipelines, street_photo):
 def test_unknown_quantize_mode_is_rejected(fitted_mask2former_dir: Path):
     with pytest.raises(ValueError, match="quantize"):
         omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir, quantize="int4")
+
+
+def test_int8_mode_runs_large_convolutions_in_bfloat16_where_native(pipelines, monkeypatch):
+    from omniseg.ops import bfloat16
+
+    _, int8 = pipelines
+    converted = [name for name, m in int8.model.named_modules() if isinstance(m, bfloat16.Bfloat16Conv2d)]
+    if bfloat16.native_bfloat16():
+        assert any(name.endswith("decoder.layer_1.0") for name in converted)  # the FPN's 3x3
+        assert not any("patch_embeddings" in name for name in converted)  # reads the image: float32
+    else:
+        assert converted == []
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 32, 3, padding=1), torch.nn.Conv2d(3, 8, 3))
+    monkeypatch.setattr(bfloat16, "native_bfloat16", lambda: False)
+    assert bfloat16.convolutions_to_bfloat16(model) == []  # emulated bfloat16 would be slower
+    monkeypatch.setattr(bfloat16, "native_bfloat16", lambda: True)
+    x = torch.randn(1, 64, 20, 24).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model[0](x)
+        assert bfloat16.convolutions_to_bfloat16(model) == ["0"]
+        got = model[0](x)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert 0 < ((got - expected).abs().max() / expected.abs().max()).item() < 2e-2

@@ -273,3 +273,20 @@ def test_inference_cache_follows_new_weights(tmp_path):
         expected = second(pixel_values).feature_maps
     for exp, act in zip(expected, actual):
         assert relative_error(exp, act) < 1e-4
+
+
+def test_training_after_inference_at_the_same_size(tmp_path):
+    """Window layouts are cached by size: one first made under inference_mode must still
+    serve a training forward and its backward (autograd saves the gather indices)."""
+    kwargs = dict(CONFIGS["w7_all_stages"], drop_path_rate=0.0)  # training mode, no randomness
+    ours = load_ours(build_reference(kwargs, seed=4), kwargs, tmp_path)
+    swin_attention.window_layout.cache_clear()
+    pixel_values = torch.randn(1, 3, 53, 47)
+    with torch.inference_mode():
+        inferred = ours(pixel_values)
+    ours.train()
+    trained = ours(pixel_values)
+    sum(f.square().mean() for f in trained).backward()
+    assert ours.encoder.layers[0].blocks[0].attention.self.relative_position_bias_table.grad is not None
+    for exp, act in zip(inferred, trained):
+        assert relative_error(exp, act.detach()) < 1e-6

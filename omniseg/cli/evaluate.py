@@ -83,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "its mirror image")
     parser.add_argument("--threshold", type=float, metavar="F",
                         help="minimum segment score (default: 0.05 instance, 0.8 panoptic)")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="evaluate the opt-in fast CPU mode (int8 linear layers), to measure what it costs")
     parser.add_argument("--max-images", type=argtypes.integer(minimum=1), metavar="N",
                         help="evaluate the first N images only")
     parser.add_argument("--examples", type=int, default=4, metavar="K",
@@ -123,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             return _usage_error(f"--device {args.device}: CUDA is not available on this machine")
     try:
-        seg = omniseg.pipeline("image-segmentation", model=args.model, device=args.device)
+        seg = omniseg.pipeline("image-segmentation", model=args.model, device=args.device, quantize=args.quantize)
         seg.resolve_subtask(args.task)
     except ModelNotFoundError as exc:
         return _usage_error(f"--model: {exc}" if args.model else "--model is required (no default model bundled)")
     except ValueError as exc:
+        if args.quantize and "quantize" in str(exc):
+            return _usage_error(f"--quantize {args.quantize}: {exc}")
         return _usage_error(f"--task {args.task}: {exc}")
     except (OmnisegError, OSError) as exc:
         return _usage_error(f"--model {args.model}: cannot load the model: {exc}")
@@ -180,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
 
     report = evaluator.report()
-    report = {"task": args.task, "model": str(args.model), "data": str(args.data), "split": args.split, "groups": args.groups,
+    report = {"task": args.task, "model": str(args.model), "quantize": args.quantize, "data": str(args.data),
+              "split": args.split, "groups": args.groups,
               "images": len(samples) - len(errors), "failed": len(errors), "ignore_index": info.ignore_index,
               "reduce_labels": bool(args.reduce_labels), "class_matching": match_note, **report}
     print(evaluator.table(report))

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from omniseg.io.images import DEFAULT_MAX_PIXELS, load_image
 from omniseg.models.auto import load_model, load_processor
+from omniseg.ops.bfloat16 import convolutions_to_bfloat16
 from omniseg.ops.linear import as_plain_linear
 
 SUBTASKS = ("panoptic", "instance", "semantic")
@@ -289,6 +290,8 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
     the answer) and everything that is not an ``nn.Linear`` (convolutions, the decoder's
     packed cross-attention projections, attention itself). Swin's query/key/value
     projections are first stacked into one layer so they are quantized as one matmul.
+    On CPUs with native bfloat16 products the large 3x3 convolutions run in bfloat16
+    (:mod:`omniseg.ops.bfloat16`), the largest float32 products left.
     """
     if mode != "int8":
         raise ValueError(f"unknown quantize mode {mode!r}; supported: 'int8'")
@@ -315,7 +318,9 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantiz.*", category=UserWarning)
         # quantize_dynamic swaps only modules of the exact class nn.Linear.
-        return quantize_dynamic(as_plain_linear(model), qconfig_spec=targets, dtype=torch.qint8)
+        model = quantize_dynamic(as_plain_linear(model), qconfig_spec=targets, dtype=torch.qint8)
+    convolutions_to_bfloat16(model)
+    return model
 
 
 def _semantic_segmentation(label_map: torch.Tensor) -> Segmentation:

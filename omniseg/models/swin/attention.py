@@ -12,6 +12,7 @@ published weights load unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -102,10 +103,24 @@ class WindowLayout:
     shift_mask: torch.Tensor | None
 
 
+@functools.lru_cache(maxsize=64)
 def window_layout(
     height: int, width: int, window_size: int, shift_size: int, *, device: torch.device
 ) -> WindowLayout:
-    """The :class:`WindowLayout` of an ``height x width`` map (``shift_size`` 0: regular)."""
+    """The :class:`WindowLayout` of an ``height x width`` map (``shift_size`` 0: regular).
+
+    Cached: the same sizes give the same object, whose tensors callers must not modify
+    (building the indices and the shift mask took about 1% of a Swin-T forward). They are
+    made as normal tensors even under ``inference_mode``, so that a layout first made there
+    still serves a training forward (autograd saves the gather indices).
+    """
+    with torch.inference_mode(False):
+        return _window_layout(height, width, window_size, shift_size, device=device)
+
+
+def _window_layout(
+    height: int, width: int, window_size: int, shift_size: int, *, device: torch.device
+) -> WindowLayout:
     padded_h = -(-height // window_size) * window_size
     padded_w = -(-width // window_size) * window_size
     rows_of_windows, cols_of_windows = padded_h // window_size, padded_w // window_size
@@ -162,10 +177,14 @@ class WindowSelfAttention(HoldsPackedWeights):
         self._fused_key: tuple | None = None
         self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused_sources: list[torch.Tensor] = []
+        # Inference cache of the last layout's attention bias (see attention_bias); not state.
+        self._bias_key: tuple | None = None
+        self._bias_cache: tuple[WindowLayout, torch.Tensor] | None = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> WindowSelfAttention:
-        # The stacked projection's cache too: it keeps the old parameters alive.
+        # The stacked projection's and the bias's caches too: they keep old parameters alive.
         self._fused_key, self._fused_cache, self._fused_sources = None, None, []
+        self._bias_key, self._bias_cache = None, None
         return super()._apply(fn, recurse)
 
     def position_bias(self, window_size: int) -> torch.Tensor:
@@ -177,6 +196,33 @@ class WindowSelfAttention(HoldsPackedWeights):
                 self.relative_position_bias_table.device
             )
         return self.relative_position_bias_table[index].permute(2, 0, 1)
+
+    def attention_bias(self, layout: WindowLayout, dtype: torch.dtype) -> torch.Tensor:
+        """The additive attention mask of ``layout``'s windows, contiguous: the position
+        bias ``[1, h, L, L]``, plus the shift mask when shifted (``[num_windows, h, L, L]``).
+
+        With gradients off the last layout's bias is kept, keyed on the layout and the
+        table's memory and version counter: a forward at the same size reuses it instead of
+        gathering the table, adding the mask and copying the sum (SDPA wants a contiguous
+        mask; a permuted gather plus the mask was copied again inside it).
+        """
+        table = self.relative_position_bias_table
+        key = None
+        if not torch.is_grad_enabled():
+            try:
+                key = (id(layout), table.data_ptr(), table._version, dtype)
+            except RuntimeError:  # a table created under inference_mode has no version
+                key = None
+        if key is not None and key == self._bias_key:
+            return self._bias_cache[1]
+        bias = self.position_bias(layout.window_size).to(dtype)[None]  # [1, h, L, L]
+        if layout.shift_mask is not None:
+            bias = bias + layout.shift_mask.to(dtype)[:, None]  # [nW, h, L, L]
+        bias = bias.contiguous()
+        if key is not None:
+            # The layout is kept with the bias so that its id stays unique while in the key.
+            self._bias_key, self._bias_cache = key, (layout, bias)
+        return bias
 
     def _fused_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Query/key/value weights ``[3C, C]`` and biases ``[3C]`` stacked.
@@ -291,18 +337,17 @@ class WindowAttention(nn.Module):
         # windows' [B*nW, L, 3, h, d] projections, no copy.
         heads, head_dim = self.self.num_heads, self.self.head_dim
         query, key, value = windows.view(batch * num_windows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        bias = self.self.position_bias(layout.window_size).to(tokens.dtype)  # [h, L, L]
+        attn_bias = self.self.attention_bias(layout, tokens.dtype)  # [1 or nW, h, L, L]
         dropout = self.attention_dropout if self.training else 0.0
         # SDPA returns [N, h, L, d] views of [N, L, h, d] memory: transposed back, the
         # windows' tokens are rows of C channels with no copy.
         if layout.shift_mask is None:
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias[None], dropout_p=dropout
+                query, key, value, attn_mask=attn_bias, dropout_p=dropout
             ).transpose(1, 2)
         else:
             # The per-window mask differs between windows but not between images: attend
             # image by image rather than materialising the mask batch times.
-            attn_bias = bias[None] + layout.shift_mask.to(bias.dtype)[:, None]  # [nW, h, L, L]
             contexts = [
                 F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout).transpose(1, 2)
                 for q, k, v in zip(query.split(num_windows), key.split(num_windows), value.split(num_windows))
