@@ -56,6 +56,18 @@ def photo() -> Image.Image:
     return Image.new("RGB", (640, 480), (90, 120, 150))
 
 
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * PAGE
@@ -110,7 +122,7 @@ def report(title: str, results: dict, agreement: str) -> None:
     our_time, our_mem, _ = results["omniseg"]
     print(
         f"| {title} | {ref_time * 1000:.0f} ms | {our_time * 1000:.0f} ms | {ref_time / our_time:.2f}x "
-        f"| {ref_mem:.0f} MB | {our_mem:.0f} MB | {agreement} |",
+        f"| {ref_mem:.0f} MB | {our_mem:.0f} MB | {agreement} | {load_average()} |",
         flush=True,
     )
 
@@ -154,9 +166,15 @@ def main() -> None:
             build_checkpoint(directory)
         reference = transformers.SamModel.from_pretrained(directory).eval()
         ours = omniseg.load_model(directory)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model or 'random ViT-B'}")
-        print("| what | reference | omniseg | speed-up | ref. peak mem. rise | omniseg peak mem. rise | answers |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"model {args.model or 'random ViT-B'}, load average {load_average()} at start"
+        )
+        print(
+            "| what | reference | omniseg | speed-up | ref. peak mem. rise | omniseg peak mem. rise | answers "
+            "| load average after (1, 5, 15 min) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
 
         pixels = omniseg.load_processor(directory)(photo())["pixel_values"]
         with torch.inference_mode():

@@ -148,3 +148,21 @@ def test_nms_matches_the_definition() -> None:
     for threshold in (0.0, 0.3, 0.7, 1.0):
         assert amg.nms(boxes, scores, threshold).tolist() == reference_nms(boxes, scores, threshold).tolist()
     assert amg.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
+
+
+def test_kept_masks_upsample_to_the_references_numbers(sam_dir) -> None:
+    """The pipeline upsamples only the masks that passed the IoU filter; PyTorch's bilinear
+    kernel rounds differently with 3 channels (the reference's ``[prompts, 3]``) than with
+    any other count, so the kept masks go in groups of three: bit-identical logits."""
+    from reference_sam import reference_sam_processor
+
+    ours = omniseg.pipeline("mask-generation", model=sam_dir)
+    size = ours.processor.target_size
+    low_res = torch.randn(6, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(7)) * 20
+    original, reshaped = (61, 83), [size * 61 // 83, size]
+    expected = reference_sam_processor(size).post_process_masks(
+        [low_res.clone()], [original], [reshaped], binarize=False
+    )[0].flatten(0, 1)
+    for kept in ([0, 4, 5, 9, 17], [3], list(range(18))):
+        actual = ours._upsample(low_res.flatten(0, 1)[kept], original, reshaped)
+        assert torch.equal(actual, expected[kept]), kept

@@ -229,9 +229,7 @@ class MaskGenerationPipeline:
                 continue
             low_res = decoder.predict_masks(tokens[0, prompts], keys[0, prompts])[:, 1:]  # [p, M, 4G, 4G]
             kept = keep[prompts]
-            logits = self.processor.post_process_masks(
-                [low_res[kept][None]], [(crop_height, crop_width)], [reshaped], binarize=False
-            )[0][0]  # [k, h, w]
+            logits = self._upsample(low_res[kept], (crop_height, crop_width), reshaped)  # [k, h, w]
             mask_scores = iou[prompts][kept]
             if stability_score_thresh > 0.0:
                 stable = amg.stability_scores(logits, mask_threshold, stability_score_offset) > stability_score_thresh
@@ -245,3 +243,22 @@ class MaskGenerationPipeline:
         if not scores:
             return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64), []
         return torch.cat(scores), torch.cat(boxes), masks
+
+    def _upsample(self, low_res: torch.Tensor, size: tuple[int, int], reshaped: list[int]) -> torch.Tensor:
+        """Mask logits ``[k, 4G, 4G]`` to ``[k, h, w]`` with the processor's
+        ``post_process_masks``, in groups of three.
+
+        The reference upsamples ``[prompts, 3, 4G, 4G]`` (all three masks of every prompt),
+        and PyTorch's bilinear kernel rounds differently with 3 channels than with any
+        other count (a few 1e-6 of a logit, enough to move pixels near the threshold). Each
+        plane's result depends only on that plane and the channel count, so the kept masks
+        go as ``[ceil(k / 3), 3]`` (the last group padded with copies): the reference's
+        numbers, for the masks that passed the IoU filter only.
+        """
+        count = low_res.shape[0]
+        padding = -count % 3
+        if padding:
+            low_res = torch.cat([low_res, low_res[-1:].expand(padding, -1, -1)])
+        grouped = low_res.unflatten(0, (-1, 3))
+        upsampled = self.processor.post_process_masks([grouped], [size], [reshaped], binarize=False)[0]
+        return upsampled.flatten(0, 1)[:count]

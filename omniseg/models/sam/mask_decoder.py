@@ -78,8 +78,9 @@ class SamAttention(nn.Module):
         """
         batch, prompts, count, _ = query.shape
         q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)  # [B, P, h, n, d]
-        folded = torch.einsum("bphnd,hdc->bphnc", q, self._per_head(self.k_proj.weight)).flatten(2, 3)
-        logits = _batched_matmul(folded, key.transpose(-1, -2)) * self.head_dim**-0.5  # [B, P, h*n, N]
+        # The softmax scale goes on the few folded queries, not on the [h*n, N] logits.
+        folded = torch.einsum("bphnd,hdc->bphnc", q * self.head_dim**-0.5, self._per_head(self.k_proj.weight))
+        logits = _batched_matmul(folded.flatten(2, 3), key.transpose(-1, -2))  # [B, P, h*n, N]
         context = _batched_matmul(logits.softmax(dim=-1), value).unflatten(2, (self.num_heads, count))  # [B, P, h, n, C]
         attended = torch.einsum("bphnc,hdc->bphnd", context, self._per_head(self.v_proj.weight))
         attended = attended + self.v_proj.bias.view(self.num_heads, 1, self.head_dim)
@@ -92,31 +93,45 @@ class SamAttention(nn.Module):
         ``softmax . v`` is ``softmax . (Wo v)``: the queries are never projected and the
         attended values never are either; ``heads x m`` products per image token replace
         the ``C -> C/2`` query projection and the ``C/2 -> C`` output projection.
+
+        The softmax scale, the query bias and the output bias all go on the few keys' side
+        too, so that no pass over the ``[N, h*m]`` logits or the ``[N, C]`` output is spent
+        on them: the output bias is added to every projected value divided by the number
+        of heads (each head's weights sum to 1, so every output row gets it once).
         """
         batch, prompts, count, channels = key.shape
         k = self.k_proj(key).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)  # [B, P, h, m, d]
+        k = k * self.head_dim**-0.5
         v = self.v_proj(value).unflatten(-1, (self.num_heads, self.head_dim)).transpose(2, 3)
         q_weight = self._per_head(self.q_proj.weight)  # [h, d, C]
         folded = torch.einsum("bphmd,hdc->bphmc", k, q_weight).flatten(2, 3)  # [B, P, h*m, C]
         offsets = torch.einsum("bphmd,hd->bphm", k, self.q_proj.bias.view(self.num_heads, self.head_dim))
         # Logits laid out [B, P, h*m, N]: the softmax over a head's m keys then runs along
         # the contiguous image axis (a softmax over a last axis of 7 is slow).
-        logits = _batched_matmul(folded, query.transpose(-1, -2)) + offsets.flatten(2)[..., None]
-        logits = logits * self.head_dim**-0.5
+        logits = _batched_matmul(folded, query.transpose(-1, -2), add=offsets.flatten(2)[..., None])
         weights = logits.unflatten(2, (self.num_heads, count)).softmax(dim=3).flatten(2, 3)  # [B, P, h*m, N]
         # out_proj.weight [C, internal] per head: [C, h, d]
         out_weight = self.out_proj.weight.view(channels, self.num_heads, self.head_dim)
         projected_values = torch.einsum("bphmd,chd->bphmc", v, out_weight).flatten(2, 3)  # [B, P, h*m, C]
-        return torch.matmul(weights.transpose(-1, -2), projected_values) + self.out_proj.bias
+        projected_values = projected_values + self.out_proj.bias / self.num_heads
+        return torch.matmul(weights.transpose(-1, -2), projected_values)
 
 
-def _batched_matmul(few: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
-    """``few [B, P, a, b] @ many [B, P or 1, b, c]``; when ``many`` is shared by the prompts
-    (axis of 1), one product of all prompts' rows with it, without copying it P times."""
-    if many.shape[1] == 1 and few.shape[1] > 1:
-        batch, prompts, rows, _ = few.shape
-        return torch.matmul(few.reshape(batch, prompts * rows, -1), many[:, 0]).view(batch, prompts, rows, -1)
-    return torch.matmul(few, many)
+def _batched_matmul(few: torch.Tensor, many: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``few [B, P, a, b] @ many [B, P or 1, b, c]`` (``+ add [B, P, a, 1]``, summed inside
+    the product rather than in a second pass over the ``[a, c]`` result); when ``many`` is
+    shared by the prompts (axis of 1), one product of all prompts' rows with it, without
+    copying it P times."""
+    batch, prompts, rows, inner = few.shape
+    if many.shape[1] == 1 and prompts > 1:
+        few, many = few.reshape(batch, prompts * rows, inner), many[:, 0]
+    else:
+        few, many = few.reshape(batch * prompts, rows, inner), many.expand(batch, prompts, -1, -1).flatten(0, 1)
+    if add is None:
+        product = torch.bmm(few, many)
+    else:
+        product = torch.baddbmm(add.reshape(few.shape[0], few.shape[1], 1), few, many)
+    return product.view(batch, prompts, rows, -1)
 
 
 class SamTwoWayAttentionBlock(nn.Module):
@@ -157,7 +172,8 @@ class SamTwoWayAttentionBlock(nn.Module):
         queries = self.layer_norm3(queries + self.mlp(queries))
 
         attended = self.cross_attn_image_to_token(positioned_keys, queries + query_pe, queries)
-        keys = self.layer_norm4(keys + attended)
+        # attended is a fresh [B, P, N, C] tensor: summing into it saves allocating another.
+        keys = self.layer_norm4(attended.add_(keys))
         return queries, keys
 
 

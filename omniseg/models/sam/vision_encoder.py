@@ -80,24 +80,27 @@ class SamVisionAttention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, self.head_dim))
 
-    def relative_position_bias(self, query: torch.Tensor, rows: slice, height: int, width: int) -> torch.Tensor:
-        """Additive logits of the queries in grid rows ``rows``: ``query [BH, r, w, D]`` ->
-        ``[BH, r * w, h * w]``."""
-        row_table = relative_positions(height, self.rel_pos_h)[rows]  # [r, h, D]
+    def relative_position_logits(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the relative-position logits of queries ``grid [BH, h, w, D]``:
+        ``(rel_h [BH, h, w, h], rel_w [BH, h, w, w])``, contiguous, with ``rel_h[b, i, j, k] =
+        q_ij . Rh[i - k]`` and ``rel_w[b, i, j, l] = q_ij . Rw[j - l]``."""
+        height, width = grid.shape[1:3]
+        row_table = relative_positions(height, self.rel_pos_h)  # [h, h, D]
         col_table = relative_positions(width, self.rel_pos_w)  # [w, w, D]
-        # Per query row: [BH * w, D] @ [D, h] -> the row offsets' logits (a batched matmul
-        # over the rows, with no [h, w, h, D] intermediate); likewise per query column.
-        rel_h = torch.matmul(query.transpose(0, 1), row_table.transpose(1, 2)[:, None]).transpose(0, 1)
-        rel_w = torch.matmul(query.permute(2, 0, 1, 3), col_table.transpose(1, 2)[:, None]).permute(1, 2, 0, 3)
-        bias = rel_h[..., :, None] + rel_w[..., None, :]  # [BH, r, w, h, w]
-        return bias.flatten(3).flatten(1, 2)
+        # Per query row i: [BH * w, D] @ [D, h]; per query column j: [BH * h, D] @ [D, w]
+        # (batched matmuls, no [h, w, h, D] intermediate).
+        rel_h = torch.matmul(grid.transpose(0, 1), row_table.transpose(1, 2)[:, None])  # [h, BH, w, h]
+        rel_w = torch.matmul(grid.permute(2, 0, 1, 3), col_table.transpose(1, 2)[:, None])  # [w, BH, h, w]
+        return rel_h.transpose(0, 1).contiguous(), rel_w.permute(1, 2, 0, 3).contiguous()
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Attention from projected ``qkv [B, h, w, 3C]`` to ``[B, h, w, C]`` (before ``proj``).
 
         Queries go in blocks of grid rows (about 1024 tokens): the relative-position
         logits of a global layer, ``heads x N x N`` (800 MB for ViT-B), then exist one
-        block at a time. Each query's softmax is its own, so the answer is the same.
+        block at a time, each written into the same buffer (a fresh 200 MB tensor per
+        block costs more in page faults than the sum itself). Each query's softmax is its
+        own, so the answer is the same.
         """
         batch, height, width, _ = qkv.shape
         tokens = height * width
@@ -107,16 +110,26 @@ class SamVisionAttention(nn.Module):
         if not self.use_rel_pos:
             attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
         else:
-            grid = query.reshape(batch * self.num_heads, height, width, self.head_dim)
+            rel_h, rel_w = self.relative_position_logits(
+                query.reshape(batch * self.num_heads, height, width, self.head_dim)
+            )
             block = max(1, QUERY_BLOCK // width)
+            buffer = query.new_empty(batch * self.num_heads * min(block, height) * width * tokens)
             parts = []
             for first in range(0, height, block):
                 rows = slice(first, min(first + block, height))
-                bias = self.relative_position_bias(grid[:, rows], rows, height, width)
-                bias = bias.view(batch, self.num_heads, -1, tokens)
+                count = rows.stop - rows.start
+                bias = buffer[: batch * self.num_heads * count * width * tokens].view(
+                    batch * self.num_heads, count, width, height, width
+                )
+                torch.add(rel_h[:, rows, :, :, None], rel_w[:, rows, :, None, :], out=bias)
                 parts.append(
                     F.scaled_dot_product_attention(
-                        query[:, :, rows.start * width : rows.stop * width], key, value, attn_mask=bias, dropout_p=dropout
+                        query[:, :, rows.start * width : rows.stop * width],
+                        key,
+                        value,
+                        attn_mask=bias.view(batch, self.num_heads, count * width, tokens),
+                        dropout_p=dropout,
                     )
                 )
             attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
