@@ -97,3 +97,14 @@ def test_loads_in_reference_with_identical_logits(val_frame) -> None:
         expected = reference(pixel_values=inputs["pixel_values"])
     torch.testing.assert_close(got.class_queries_logits, expected.class_queries_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.masks_queries_logits, expected.masks_queries_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_without_model_records_the_bundled_model(val_frame, tmp_path) -> None:
+    from omniseg.cli.main import main
+
+    image, _ = val_frame
+    image.save(tmp_path / "street.png")
+    assert main(["segment", str(tmp_path / "street.png"), "--out", str(tmp_path / "out")]) == 0
+    document = json.loads((tmp_path / "out" / "street.json").read_text())
+    assert document["model"] == "default" and document["task"] == "panoptic"
+    assert document["segments"], "the bundled model found nothing on a street frame"

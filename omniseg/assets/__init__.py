@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+# How results, logs and the web service name the bundled model.
+DEFAULT_MODEL_NAME = "default"
 
 
 def default_model_dir() -> Path | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from omniseg.assets import DEFAULT_MODEL_NAME
 from omniseg.cli import argtypes
 from omniseg.errors import InputError, ModelNotFoundError, OmnisegError, failure_reason
 from omniseg.io.atomic import atomic_write_text
@@ -162,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     errors_path.unlink(missing_ok=True)  # it describes the latest run only
     errors: list[dict[str, str]] = []
 
-    model_name = None if args.model is None else str(args.model)
+    # The bundled model is recorded by the name the web service gives it, so a result file
+    # always says which model made it.
+    model_name = DEFAULT_MODEL_NAME if args.model is None else str(args.model)
     pending = [item for item in items if not _is_done(item, formats, model_name, task)]
     skipped = len(items) - len(pending)
     call_options: dict[str, Any] = {"subtask": subtask, "batch_size": args.batch_size}

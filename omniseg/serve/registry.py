@@ -8,13 +8,11 @@ from typing import Any
 
 import torch
 
+from omniseg.assets import DEFAULT_MODEL_NAME
 from omniseg.cli.segment_everything import MaskSegmenter
 from omniseg.pipelines.image_segmentation import ImageSegmentationPipeline
 from omniseg.serve.errors import UnknownModelError
 from omniseg.viz.palette import color_for
-
-# The name under which the bundled default model is served when no model is given.
-DEFAULT_MODEL_NAME = "default"
 
 
 @dataclass(frozen=True)
