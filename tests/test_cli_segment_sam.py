@@ -109,3 +109,13 @@ def test_sam_model_without_task_everything_is_a_usage_error(sam_dir, folder, tmp
     arguments = ["--task", "semantic", "--points", "1,2"]
     assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), *arguments]) == 2
     assert "does not apply" in capsys.readouterr().err
+
+
+def test_train_cli_says_sam_is_not_trained(sam_dir, camvid_dir, tmp_path, capsys) -> None:
+    status = main(["train", "--model", str(sam_dir), "--data", str(camvid_dir),
+                   "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"])
+    assert status == 1
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "training is not offered for Segment Anything" in message[0]
+    assert str(sam_dir) in message[0]
+    assert not (tmp_path / "run").exists()

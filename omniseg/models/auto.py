@@ -64,6 +64,8 @@ NOT_TRAINABLE: dict[str, str] = {
     "its task-conditioned targets and contrastive text loss are not implemented)",
     "detr": "training is not offered for model_type 'detr': omniseg runs it for inference only "
     "(segment, evaluate, serve, the Python API)",
+    "sam": "training is not offered for Segment Anything (model_type 'sam'): it predicts masks from "
+    "prompts, not classes; use it with `omniseg segment --task everything`, `--points` or `--box`",
 }
 
 
