@@ -62,8 +62,18 @@ def _segment(frames: Path, out: Path, model_dir: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def local_out(frames, model_dir, tmp_path_factory) -> Path:
+    """The local engine's files, one image per forward pass, on one thread like each actor:
+    an image's numbers do not depend on its batch, but they do on the thread count (products
+    split their sums otherwise), to the last printed digit now and then."""
+    import torch
+
     out = tmp_path_factory.mktemp("local") / "out"
-    assert _segment(frames, out, model_dir) == 1  # the broken file
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _segment(frames, out, model_dir) == 1  # the broken file
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
