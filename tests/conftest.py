@@ -7,11 +7,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OMNISEG_SHARED", REPO.parent / "shared"))
 CAMVID = SHARED / "datasets" / "camvid"
+
+
+# Failed checks in the shared parity helpers explain themselves as a test's own asserts do.
+pytest.register_assert_rewrite("parity")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread (and do not fight for shared CI cores); a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
