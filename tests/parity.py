@@ -51,6 +51,23 @@ def camvid_id2label(camvid_dir: Path) -> dict[int, str]:
     return {int(k): v for k, v in json.loads((camvid_dir / "id2label.json").read_text()).items()}
 
 
+def small_camvid_val(camvid_dir: Path, data: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    """A semantic dataset folder ``data`` of CamVid's first ``count`` val frames and their
+    labels resized to ``size`` (width, height; bilinear, nearest for labels), with CamVid's
+    ``id2label.json``. Returns the written images."""
+    for kind in ("images", "labels"):
+        (data / kind / "val").mkdir(parents=True)
+    images = []
+    for frame in sorted((camvid_dir / "images" / "val").glob("*.png"))[:count]:
+        image = data / "images" / "val" / frame.name
+        Image.open(frame).convert("RGB").resize(size, Image.BILINEAR).save(image)
+        label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize(size, Image.NEAREST)
+        label.save(data / "labels" / "val" / frame.name)
+        images.append(image)
+    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    return images
+
+
 def assert_segments_match(ours: list[dict], ref: list[dict]) -> None:
     """Same segment ids, labels and fusing, in the same order; scores to 1e-4."""
     assert [(s["id"], s["label_id"], s["was_fused"]) for s in ours] == [

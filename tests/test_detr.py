@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 from parity import (
     TOLERANCE,
     assert_pipeline_results_match,
@@ -19,6 +18,7 @@ from parity import (
     build_reference_dirs,
     camvid_id2label,
     relative_error,
+    small_camvid_val,
     two_images,
 )
 from reference_detr import TINY_DETR_CONFIGS, build_photo_detr, build_reference_detr, reference_detr_config
@@ -307,19 +307,12 @@ def test_pipeline_matches_reference_pipeline_on_a_real_photo(photo_model_dir, st
 
 
 def test_segment_cli_goes_on_past_a_broken_file_and_evaluate_runs(photo_model_dir, camvid_dir, tmp_path):
-    frames = sorted((camvid_dir / "images" / "val").glob("*.png"))[:2]
     data = tmp_path / "data"
-    for kind in ("images", "labels"):
-        (data / kind / "val").mkdir(parents=True)
-    for frame in frames:
-        Image.open(frame).convert("RGB").resize((160, 120), Image.BILINEAR).save(data / "images" / "val" / frame.name)
-        label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((160, 120), Image.NEAREST)
-        label.save(data / "labels" / "val" / frame.name)
-    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    frames = small_camvid_val(camvid_dir, data, count=2, size=(160, 120))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for frame in frames:
-        (inputs / frame.name).symlink_to(data / "images" / "val" / frame.name)
+        (inputs / frame.name).symlink_to(frame)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
 
     out = tmp_path / "segments"

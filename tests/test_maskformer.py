@@ -19,6 +19,7 @@ from parity import (
     build_reference_dirs,
     camvid_id2label,
     relative_error,
+    small_camvid_val,
     two_images,
 )
 from reference_maskformer import TINY_MASKFORMER_CONFIGS, build_distinct_queries_maskformer, build_reference_maskformer
@@ -303,15 +304,8 @@ def test_train_cli_fine_tunes_maskformer(camvid_dir, reference_dirs, tmp_path):
 
 
 def test_segment_and_evaluate_cli_run_maskformer(photo_model_dir, camvid_dir, tmp_path):
-    frames = sorted((camvid_dir / "images" / "val").glob("*.png"))[:2]
     data = tmp_path / "data"
-    for kind in ("images", "labels"):
-        (data / kind / "val").mkdir(parents=True)
-    for frame in frames:
-        Image.open(frame).convert("RGB").resize((120, 90), Image.BILINEAR).save(data / "images" / "val" / frame.name)
-        label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((120, 90), Image.NEAREST)
-        label.save(data / "labels" / "val" / frame.name)
-    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    frames = small_camvid_val(camvid_dir, data, count=2, size=(120, 90))
 
     out = tmp_path / "segments"
     assert omniseg_main(["segment", str(data / "images" / "val"), "--out", str(out), "--model", str(photo_model_dir),

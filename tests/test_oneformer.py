@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 from parity import (
     TOLERANCE,
     assert_pipeline_results_match,
@@ -19,6 +18,7 @@ from parity import (
     build_reference_dirs,
     camvid_id2label,
     relative_error,
+    small_camvid_val,
     two_images,
 )
 from reference_models import perturb_parameters
@@ -318,13 +318,7 @@ def test_pipeline_matches_reference_pipeline_on_a_real_photo(photo_model_dir, st
 
 def test_segment_and_evaluate_cli_run_oneformer(photo_model_dir, camvid_dir, tmp_path, capsys):
     data = tmp_path / "data"
-    for kind in ("images", "labels"):
-        (data / kind / "val").mkdir(parents=True)
-    frame = sorted((camvid_dir / "images" / "val").glob("*.png"))[0]
-    Image.open(frame).convert("RGB").resize((120, 90), Image.BILINEAR).save(data / "images" / "val" / frame.name)
-    label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((120, 90), Image.NEAREST)
-    label.save(data / "labels" / "val" / frame.name)
-    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    (frame,) = small_camvid_val(camvid_dir, data, count=1, size=(120, 90))
 
     photos = data / "images" / "val"
     (tmp_path / "broken.png").write_bytes(b"not a PNG")
