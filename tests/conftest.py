@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +21,30 @@ CAMVID = SHARED / "datasets" / "camvid"
 pytest.register_assert_rewrite("parity")
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight for shared CI cores); a module
-    asks for it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` torch intra-op threads, then restore the previous number."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Tiny models and small tensors run fastest on one thread, far faster on a shared, busy
+# machine. A module asks with ``pytestmark = pytest.mark.usefixtures(...)``: per module when
+# its module-scoped fixtures (reference models, outputs) should run on one thread too.
+@pytest.fixture(scope="module")
+def single_thread_per_module() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def single_thread_per_test() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

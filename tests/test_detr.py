@@ -37,7 +37,7 @@ from transformers import DetrForSegmentation as ReferenceDetr  # noqa: E402
 from transformers.models.detr.image_processing_pil_detr import DetrImageProcessorPil  # noqa: E402
 
 OUTPUTS = ("logits", "pred_boxes", "pred_masks")
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from transformers.models.mask2former.image_processing_pil_mask2former import (  
     Mask2FormerImageProcessorPil,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module")

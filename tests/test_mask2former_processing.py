@@ -25,13 +25,7 @@ from omniseg.processing.mask2former import Mask2FormerImageProcessor
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: one intra-op thread is faster, far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(params=["numba", "pytorch"])

@@ -38,7 +38,7 @@ from transformers.models.maskformer.image_processing_pil_maskformer import (  # 
     MaskFormerImageProcessorPil,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module")

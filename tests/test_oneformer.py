@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, OneFormerProcessor  # noqa: E402
 from transformers import OneFormerForUniversalSegmentation as ReferenceOneFormer  # noqa: E402
 
 TASKS = ("semantic", "instance", "panoptic")
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module", autouse=True)
