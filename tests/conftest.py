@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CamVid data beside the repository, and small real photos."""
+"""Shared fixtures: the real CamVid data beside the repository, small real photos, and one torch thread."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +23,10 @@ pytest.register_assert_rewrite("parity")
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Run with ``count`` torch intra-op threads, then restore the previous number."""
+    # Imported here: a module-level import would load torch before omniseg can set the
+    # OpenMP wait policy (see omniseg/__init__.py).
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
