@@ -31,7 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_pipeline import interleaved, peak_rss_rise_mb, photo, same_segments  # noqa: E402
+from _common import (  # noqa: E402
+    peak_rss_rise_mb,
+    perturb,
+    photo,
+    post_processing_stages,
+    print_stage_table,
+    relative_errors,
+    same_segments,
+    time_stages,
+)
 from reference_detr import make_queries_distinct  # noqa: E402
 
 
@@ -50,9 +59,7 @@ def build_checkpoint(directory: Path, *, quick: bool) -> None:
     )
     torch.manual_seed(0)
     model = DetrForSegmentation(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
+    perturb(model)
     processor = DetrImageProcessorPil()  # shortest edge 800, longest 1333
     # Random init gives every query nearly the same state, class and mask (near-ties at every
     # pixel, which float rounding flips); set the heads to read what differs between queries
@@ -97,10 +104,7 @@ def main() -> int:
         with torch.inference_mode():
             ref_out = ref.model(**ref_inputs)
             our_out = ours.model(**our_inputs)
-            errors = {
-                k: ((getattr(our_out, k) - getattr(ref_out, k)).abs().max() / getattr(ref_out, k).abs().max()).item()
-                for k in ("logits", "pred_boxes", "pred_masks")
-            }
+            errors = relative_errors(our_out, ref_out, ("logits", "pred_boxes", "pred_masks"))
         scores, labels = ref_out.logits.softmax(-1).max(-1)
         kept = int(((labels != ref_out.logits.shape[-1] - 1) & (scores > args.threshold)).sum())
         target = [(image.height, image.width)]
@@ -114,36 +118,26 @@ def main() -> int:
         print("- forward, max |ours - reference| / max |reference|: "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
-        rows = []
-
-        def stage(name, ours_fn, ref_fn):
-            t = interleaved({"omniseg": ours_fn, "reference": ref_fn}, args.repeats)
-            rows.append((name, t["omniseg"], t["reference"]))
-
         def forward_all_masks(model, inputs):
             with torch.inference_mode():
                 return model(**inputs).pred_masks
 
-        stage("preprocess", lambda: ours.processor(images=[image], return_tensors="pt"),
-              lambda: ref.image_processor(images=[image], return_tensors="pt"))
-        stage("forward (all 100 masks)", lambda: forward_all_masks(ours.model, our_inputs),
-              lambda: forward_all_masks(ref.model, ref_inputs))
-        for name in ("panoptic", "instance"):
-            fn = f"post_process_{name}_segmentation"
-            stage(
-                f"post-process {name}",
-                lambda fn=fn: getattr(ours.processor, fn)(our_out, threshold=args.threshold, target_sizes=target),
-                lambda fn=fn: getattr(ref.image_processor, fn)(ref_out, threshold=args.threshold, target_sizes=target),
-            )
-        stage("post-process semantic",
-              lambda: ours.processor.post_process_semantic_segmentation(our_out, target_sizes=target),
-              lambda: ref.image_processor.post_process_semantic_segmentation(ref_out, target_sizes=target))
-        stage("pipeline (panoptic)", lambda: ours(image, **kwargs), lambda: ref(image, **kwargs))
+        stages = {
+            "preprocess": (
+                lambda: ours.processor(images=[image], return_tensors="pt"),
+                lambda: ref.image_processor(images=[image], return_tensors="pt"),
+            ),
+            "forward (all 100 masks)": (
+                lambda: forward_all_masks(ours.model, our_inputs),
+                lambda: forward_all_masks(ref.model, ref_inputs),
+            ),
+            **post_processing_stages(ours.processor, ref.image_processor, our_out, ref_out, target, args.threshold),
+            "pipeline (panoptic)": (lambda: ours(image, **kwargs), lambda: ref(image, **kwargs)),
+        }
+        rows = time_stages(stages, args.repeats)
 
-        print("\n| stage | omniseg (s) | reference (s) | reference / omniseg |")
-        print("|---|---|---|---|")
-        for name, o, r in rows:
-            print(f"| {name} | {o:.3f} | {r:.3f} | {r / o:.2f}x |")
+        print()
+        print_stage_table(rows)
 
         if not args.no_memory:
             ours_mb = peak_rss_rise_mb("omniseg", directory, args.threshold, args.threads)

@@ -21,30 +21,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pipeline  # noqa: E402
+from _common import perturb, swin_t_backbone  # noqa: E402
 
 
 def build_checkpoint(directory: Path, *, quick: bool) -> None:
-    from transformers import DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
+    from transformers import DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation
     from transformers.models.maskformer.image_processing_pil_maskformer import MaskFormerImageProcessorPil
 
-    backbone = SwinConfig(
-        embed_dim=96,
-        depths=[2, 2, 2, 2] if quick else [2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
-        window_size=7,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
     decoder = DetrConfig(num_queries=100, use_timm_backbone=False)
     config = MaskFormerConfig(
-        backbone_config=backbone,
+        backbone_config=swin_t_backbone(quick=quick),
         decoder_config=decoder.to_dict(),
         id2label={i: f"class_{i}" for i in range(150)},
     )
     torch.manual_seed(0)
     model = MaskFormerForInstanceSegmentation(config).eval()
+    perturb(model)
     with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
         # Random init gives every query the same near-uniform class and mask; distinct query
         # embeddings and a sharper class head give the photo several segments, as a trained
         # model would.

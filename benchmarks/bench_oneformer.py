@@ -18,8 +18,6 @@ installed (this project's environments) the same PyTorch call stands in for it (
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +26,18 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_pipeline  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    interleaved,
+    max_relative_error,
+    peak_rss_rise_mb,
+    perturb,
+    photo,
+    print_stage_table,
+    same_segments,
+    swin_t_backbone,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 SUBTASKS = ("panoptic", "instance", "semantic")
 THRESHOLD = 0.5
 
@@ -49,25 +56,17 @@ def provide_reference_resize() -> None:
 
 
 def build_checkpoint(directory: Path, *, quick: bool) -> None:
-    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation, SwinConfig
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
 
     sys.path.insert(0, str(REPO / "tests"))
     from reference_oneformer import save_reference_processor
 
-    backbone = SwinConfig(
-        embed_dim=96,
-        depths=[2, 2, 2, 2] if quick else [2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
-        window_size=7,
-        drop_path_rate=0.3,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
+    backbone = swin_t_backbone(quick=quick, drop_path_rate=0.3)
     config = OneFormerConfig(backbone_config=backbone, id2label={i: f"class_{i}" for i in range(150)})
     torch.manual_seed(0)
     model = OneFormerForUniversalSegmentation(config).eval()
+    perturb(model)
     with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
         # Random init gives every query the task token's class and mask; distinct query
         # positions and a sharper class head give the photo several segments per task.
         model.model.transformer_module.queries_embedder.weight.normal_(0.0, 2.5)
@@ -78,37 +77,6 @@ def build_checkpoint(directory: Path, *, quick: bool) -> None:
     save_reference_processor(
         directory, num_labels=150, task_seq_length=77, shortest_edge=512, longest_edge=2048, tokenizer_json=False
     )
-
-
-def peak_rss_rise_mb(library: str, directory: Path, threads: int | None) -> float:
-    """Peak RSS rise over the first panoptic pipeline call after loading, in a fresh process."""
-    code = f"""
-import sys, torch
-from pathlib import Path
-sys.path.insert(0, {str(REPO / "benchmarks")!r})
-if {threads!r}:
-    torch.set_num_threads({threads!r})
-from bench_pipeline import photo
-def read(field):
-    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
-image = photo()
-if {library!r} == "omniseg":
-    import omniseg
-    pipe = omniseg.pipeline("image-segmentation", model={str(directory)!r})
-else:
-    import transformers
-    from bench_oneformer import provide_reference_resize
-    transformers.logging.set_verbosity_error()
-    provide_reference_resize()
-    pipe = transformers.pipeline("image-segmentation", model={str(directory)!r}, device="cpu")
-Path("/proc/self/clear_refs").write_text("5")
-before = read("VmRSS:")
-pipe(image, subtask="panoptic", threshold={THRESHOLD!r})
-print((read("VmHWM:") - before) / 1024)
-"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(REPO)])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -129,7 +97,7 @@ def main() -> int:
     provide_reference_resize()
     if args.threads:
         torch.set_num_threads(args.threads)
-    image = bench_pipeline.photo()
+    image = photo()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         build_checkpoint(directory, quick=args.quick)
@@ -142,7 +110,7 @@ def main() -> int:
         for subtask in SUBTASKS:
             kwargs = {} if subtask == "semantic" else {"threshold": THRESHOLD}
             a, b = ours(image, subtask=subtask, **kwargs), ref(image, subtask=subtask, **kwargs)
-            labels_same, pixels_same = bench_pipeline.same_segments(a, b)
+            labels_same, pixels_same = same_segments(a, b)
             print(f"- {subtask}: {len(a)} segments (reference {len(b)}), labels identical {labels_same}, "
                   f"pixels with the same label {pixels_same:.6f}")
 
@@ -151,10 +119,7 @@ def main() -> int:
         _, our_inputs = next(ours._batches([image], 1, "panoptic"))
         with torch.inference_mode():
             ref_out, our_out = ref.model(**ref_inputs), ours.model(**our_inputs)
-        error = max(
-            ((getattr(our_out, k) - getattr(ref_out, k)).abs().max() / getattr(ref_out, k).abs().max()).item()
-            for k in ("class_queries_logits", "masks_queries_logits")
-        )
+        error = max_relative_error(our_out, ref_out, ("class_queries_logits", "masks_queries_logits"))
         same_inputs = all(torch.equal(our_inputs[k], ref_inputs[k]) for k in ("pixel_values", "task_inputs"))
         print(f"- model inputs identical: {same_inputs}; forward logits max |ours - reference| / max |reference| "
               f"= {error:.1e}")
@@ -171,18 +136,17 @@ def main() -> int:
             kwargs = {} if subtask == "semantic" else {"threshold": THRESHOLD}
             fns[f"{subtask} omniseg"] = lambda s=subtask, k=kwargs: ours(image, subtask=s, **k)
             fns[f"{subtask} reference"] = lambda s=subtask, k=kwargs: ref(image, subtask=s, **k)
-        times = bench_pipeline.interleaved(fns, args.repeats)
+        times = interleaved(fns, args.repeats)
 
         print(f"\n640x480 photo (resized to 683x512), medians of {args.repeats} interleaved runs:")
-        print("| stage | omniseg (s) | reference (s) | reference / omniseg |")
-        print("|---|---|---|---|")
-        for name in ("forward", *SUBTASKS):
-            o, r = times[f"{name} omniseg"], times[f"{name} reference"]
-            label = name if name == "forward" else f"pipeline ({name})"
-            print(f"| {label} | {o:.3f} | {r:.3f} | {r / o:.2f}x |")
+        print_stage_table(
+            (name if name == "forward" else f"pipeline ({name})", times[f"{name} omniseg"], times[f"{name} reference"])
+            for name in ("forward", *SUBTASKS)
+        )
 
-        ours_mb = peak_rss_rise_mb("omniseg", directory, args.threads)
-        ref_mb = peak_rss_rise_mb("reference", directory, args.threads)
+        prepare = "bench_oneformer:provide_reference_resize"
+        ours_mb = peak_rss_rise_mb("omniseg", directory, THRESHOLD, args.threads, prepare_reference=prepare)
+        ref_mb = peak_rss_rise_mb("reference", directory, THRESHOLD, args.threads, prepare_reference=prepare)
         print(f"\npeak RSS rise over the first panoptic pipeline call after loading (fresh process each): "
               f"omniseg {ours_mb:.0f} MB, reference {ref_mb:.0f} MB")
     return 0

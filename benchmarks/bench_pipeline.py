@@ -20,45 +20,42 @@ Needs the test extra (``transformers``).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-# This checkout's omniseg, not whichever one the environment has installed.
-sys.path.insert(0, str(REPO))
-CAMVID_FRAME = REPO.parent / "shared" / "datasets" / "camvid" / "images" / "val" / "0016E5_07959.png"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    interleaved,
+    load_average,
+    machine_report,
+    max_relative_error,
+    peak_rss_rise_mb,
+    perturb,
+    photo,
+    post_processing_stages,
+    print_stage_table,
+    same_segments,
+    swin_t_backbone,
+    time_stages,
+)
 
 
 def build_checkpoint(directory: Path, *, quick: bool) -> None:
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
     from transformers import Mask2FormerImageProcessor
 
-    backbone = SwinConfig(
-        embed_dim=96,
-        depths=[2, 2, 2, 2] if quick else [2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
-        window_size=7,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
     config = Mask2FormerConfig(
-        backbone_config=backbone,
+        backbone_config=swin_t_backbone(quick=quick),
         num_queries=100,
         id2label={i: f"class_{i}" for i in range(133)},
     )
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(config).eval()
+    perturb(model)
     with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
         # Random init gives near-uniform classes (best probability ~0.02, so no segment
         # passes the mask threshold) and near-identical masks. Sharpen the class head and
         # diversify the mask embeddings so the photo gets about ten segments, as a trained
@@ -71,147 +68,6 @@ def build_checkpoint(directory: Path, *, quick: bool) -> None:
     Mask2FormerImageProcessor(
         size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32
     ).save_pretrained(directory)
-
-
-def photo() -> Image.Image:
-    if CAMVID_FRAME.is_file():
-        return Image.open(CAMVID_FRAME).convert("RGB").resize((640, 480), Image.BILINEAR)
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
-
-
-def machine_report() -> list[str]:
-    """Lines that tell figures from different machines apart: the CPU (model, family/model
-    numbers and the vector extensions that decide the kernels), torch's build (BLAS, oneDNN,
-    OpenMP, the CPU capability it dispatches to), the products' paths, threads and load."""
-    cpu = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            name, _, value = line.partition(":")
-            cpu.setdefault(name.strip(), value.strip())
-    flags = set(cpu.get("flags", "").split())
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
-    lines = [
-        f"CPU: {cpu.get('model name') or platform.processor() or platform.machine()}"
-        f" (vendor {cpu.get('vendor_id', '?')}, family {cpu.get('cpu family', '?')}, model {cpu.get('model', '?')}),"
-        f" {os.cpu_count()} logical CPUs; extensions: {', '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}",
-        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
-    ]
-    build = [line.strip(" -") for line in torch.__config__.show().splitlines()]
-    lines += [f"  build: {line}" for line in build if line.startswith(("Intel(R)", "OpenMP", "LAPACK", "BLAS"))]
-    from omniseg.ops.linear import _ONEDNN_LINEAR
-
-    lines.append(
-        "products: omniseg linear layers on "
-        + ("oneDNN matmul (packed weights)" if _ONEDNN_LINEAR and torch.backends.mkldnn.enabled else "F.linear (BLAS)")
-        + f", reference's on F.linear ({'MKL' if torch.backends.mkl.is_available() else 'BLAS'} sgemm); "
-        f"convolutions on {'oneDNN' if torch.backends.mkldnn.enabled else 'ATen'}; "
-        f"int8 dynamic quantization engine {torch.backends.quantized.engine}"
-    )
-    lines += kernel_paths()
-    lines.append(f"threads {torch.get_num_threads()}; load average {load_average()}")
-    return lines
-
-
-def kernel_paths() -> list[str]:
-    """What MKL and oneDNN say they run, from their verbose logs in a child process: MKL's
-    code path for the reference's sgemm (on AMD CPUs it reports a generic "Intel(R)
-    Architecture processors" path), oneDNN's ISA and the implementation of one of the
-    model's linear shapes and of the FPN's 3x3 convolution."""
-    import subprocess
-
-    code = f"""
-import sys, torch
-sys.path.insert(0, {str(REPO)!r})
-from omniseg.ops.linear import linear, PackedWeights
-torch.set_num_threads(1)
-x, w = torch.randn(4032, 256), torch.randn(1024, 256)
-with torch.no_grad():
-    torch.nn.functional.linear(x, w)
-    linear(x, w, packed=PackedWeights())
-    torch.nn.functional.conv2d(torch.randn(1, 256, 24, 32).contiguous(memory_format=torch.channels_last),
-                               torch.randn(256, 256, 3, 3), padding=1)
-"""
-    env = {**os.environ, "MKL_VERBOSE": "1", "ONEDNN_VERBOSE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
-    lines = []
-    for line in out.splitlines():
-        if line.startswith("MKL_VERBOSE") and "SGEMM" not in line:
-            lines.append("  MKL: " + line.removeprefix("MKL_VERBOSE ").strip())
-        elif ",info,cpu,isa:" in line:
-            lines.append("  oneDNN ISA: " + line.split("isa:", 1)[1])
-        elif ",primitive,exec,cpu," in line and ("inner_product" in line or "convolution" in line):
-            fields = line.split(",")
-            lines.append(f"  oneDNN {fields[5]}: {fields[6]} ({fields[-2]})")
-    return lines or ["  (no MKL / oneDNN verbose output)"]
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages (other work on a shared machine)."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median seconds per function, running them in turn so machine noise hits both."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_rss_rise_mb(library: str, directory: Path, threshold: float, threads: int | None) -> float:
-    """Peak RSS rise over the first pipeline call after loading, in a fresh process (in this
-    one, memory freed by earlier runs would be reused and hide the peak)."""
-    import subprocess
-
-    code = f"""
-import sys, torch
-from pathlib import Path
-sys.path.insert(0, {str(REPO)!r})
-if {threads!r}:
-    torch.set_num_threads({threads!r})
-from bench_pipeline import photo
-def read(field):
-    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
-image = photo()
-if {library!r} == "omniseg":
-    import omniseg
-    pipe = omniseg.pipeline("image-segmentation", model={str(directory)!r})
-else:
-    import transformers
-    transformers.logging.set_verbosity_error()
-    pipe = transformers.pipeline("image-segmentation", model={str(directory)!r}, device="cpu")
-Path("/proc/self/clear_refs").write_text("5")
-before = read("VmRSS:")
-pipe(image, subtask="panoptic", threshold={threshold!r})
-print((read("VmHWM:") - before) / 1024)
-"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(REPO)])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def same_segments(a: list[dict], b: list[dict]) -> tuple[bool, float]:
-    """(labels equal, fraction of pixels with the same label) of two pipeline answers; a
-    pixel's label is its segment's (or none)."""
-    labels = [x["label"] for x in a] == [y["label"] for y in b]
-
-    def label_map(answer: list[dict]) -> np.ndarray:
-        names = sorted({x["label"] for x in a + b})
-        out = np.full(np.asarray((a or b)[0]["mask"]).shape, -1) if (a or b) else np.zeros(0)
-        for x in answer:
-            out[np.asarray(x["mask"]) > 0] = names.index(x["label"])
-        return out
-
-    if not a and not b:
-        return labels, 1.0
-    return labels, float((label_map(a) == label_map(b)).mean())
 
 
 def same_post_processing(ours_processor, ref_processor, outputs, target, threshold: float) -> bool:
@@ -276,10 +132,7 @@ def main() -> int:
             ref_out = ref.model(**ref_inputs)
             our_out = ours.model(**our_inputs)
         target = [(image.height, image.width)]
-        logit_error = max(
-            ((getattr(our_out, k) - getattr(ref_out, k)).abs().max() / getattr(ref_out, k).abs().max()).item()
-            for k in ("class_queries_logits", "masks_queries_logits")
-        )
+        logit_error = max_relative_error(our_out, ref_out, ("class_queries_logits", "masks_queries_logits"))
         print("\n".join(machine_report()))
         print(f"transformers {transformers.__version__}")
         print("numba kernels:", "yes" if kernels_apply() else "no, PyTorch paths")
@@ -290,36 +143,25 @@ def main() -> int:
         print(f"- post-processing of the same logits bit-identical (panoptic, instance, semantic): "
               f"{same_post_processing(ours.processor, ref.image_processor, ref_out, target, args.threshold)}")
         print(f"- forward logits: max |ours - reference| / max |reference| = {logit_error:.1e}")
-        rows = [("load (pipeline construction)", load["omniseg"], load["reference"])]
-
-        def stage(name, ours_fn, ref_fn):
-            t = interleaved({"omniseg": ours_fn, "reference": ref_fn}, args.repeats)
-            rows.append((name, t["omniseg"], t["reference"]))
-
-        stage("preprocess", lambda: ours.processor(images=[image], return_tensors="pt"),
-              lambda: ref.image_processor(images=[image], return_tensors="pt"))
 
         def forward(model, inputs):
             with torch.inference_mode():
                 model(**inputs)
 
-        stage("forward", lambda: forward(ours.model, our_inputs), lambda: forward(ref.model, ref_inputs))
-        for name in ("panoptic", "instance"):
-            fn = f"post_process_{name}_segmentation"
-            stage(
-                f"post-process {name}",
-                lambda fn=fn: getattr(ours.processor, fn)(our_out, threshold=args.threshold, target_sizes=target),
-                lambda fn=fn: getattr(ref.image_processor, fn)(ref_out, threshold=args.threshold, target_sizes=target),
-            )
-        stage("post-process semantic",
-              lambda: ours.processor.post_process_semantic_segmentation(our_out, target_sizes=target),
-              lambda: ref.image_processor.post_process_semantic_segmentation(ref_out, target_sizes=target))
-        stage("pipeline (panoptic)", lambda: ours(image, **kwargs), lambda: ref(image, **kwargs))
+        stages = {
+            "preprocess": (
+                lambda: ours.processor(images=[image], return_tensors="pt"),
+                lambda: ref.image_processor(images=[image], return_tensors="pt"),
+            ),
+            "forward": (lambda: forward(ours.model, our_inputs), lambda: forward(ref.model, ref_inputs)),
+            **post_processing_stages(ours.processor, ref.image_processor, our_out, ref_out, target, args.threshold),
+            "pipeline (panoptic)": (lambda: ours(image, **kwargs), lambda: ref(image, **kwargs)),
+        }
+        rows = [("load (pipeline construction)", load["omniseg"], load["reference"])]
+        rows += time_stages(stages, args.repeats)
 
-        print("\n| stage | omniseg (s) | reference (s) | reference / omniseg |")
-        print("|---|---|---|---|")
-        for name, o, r in rows:
-            print(f"| {name} | {o:.3f} | {r:.3f} | {r / o:.2f}x |")
+        print()
+        print_stage_table(rows)
         timing = {name: o for name, o, _ in rows}
         print(f"\npost-processing / forward (omniseg): panoptic {timing['post-process panoptic'] / timing['forward']:.1%}, "
               f"instance {timing['post-process instance'] / timing['forward']:.1%}, "
@@ -348,10 +190,7 @@ def main() -> int:
         fast_inputs = fast.processor(images=[image], return_tensors="pt")
         with torch.inference_mode():
             fast_out = fast.model(**fast_inputs)
-        fast_error = max(
-            ((getattr(fast_out, k) - getattr(our_out, k)).abs().max() / getattr(our_out, k).abs().max()).item()
-            for k in ("class_queries_logits", "masks_queries_logits")
-        )
+        fast_error = max_relative_error(fast_out, our_out, ("class_queries_logits", "masks_queries_logits"))
         f_labels, f_pixels = same_segments(fast(image, **kwargs), a)
         t = interleaved(
             {

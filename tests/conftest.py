@@ -1,8 +1,10 @@
-"""Shared fixtures: the real CamVid data beside the repository, and small real photos."""
+"""Shared fixtures: the real CamVid data beside the repository, small real photos, and one torch thread."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,40 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OMNISEG_SHARED", REPO.parent / "shared"))
 CAMVID = SHARED / "datasets" / "camvid"
+
+
+# Failed checks in the shared parity helpers explain themselves as a test's own asserts do.
+pytest.register_assert_rewrite("parity")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` torch intra-op threads, then restore the previous number."""
+    # Imported here: a module-level import would load torch before omniseg can set the
+    # OpenMP wait policy (see omniseg/__init__.py).
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Tiny models and small tensors run fastest on one thread, far faster on a shared, busy
+# machine. A module asks with ``pytestmark = pytest.mark.usefixtures(...)``: per module when
+# its module-scoped fixtures (reference models, outputs) should run on one thread too.
+@pytest.fixture(scope="module")
+def single_thread_per_module() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def single_thread_per_test() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from reference_models import perturb_parameters
+from reference_models import label_kwargs, seeded_reference_model
 
 # Two tiny shapes that differ in what a DETR implementation can get wrong: ResNet depths,
 # widths and where the bottleneck strides, transformer depth and heads (the mask head's
@@ -86,7 +86,6 @@ def reference_detr_config(
         downsample_in_bottleneck=downsample_in_bottleneck,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-    id2label = id2label or {i: f"label_{i}" for i in range(num_labels)}
     return DetrConfig(
         backbone_config=backbone,
         use_timm_backbone=False,
@@ -100,8 +99,7 @@ def reference_detr_config(
         num_queries=num_queries,
         dropout=0.0,
         auxiliary_loss=auxiliary_loss,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
+        **label_kwargs(num_labels, id2label),
     )
 
 
@@ -114,7 +112,7 @@ def reference_detr_processor(*, shortest_edge: int = 64, longest_edge: int = 96)
 
 def perturb_frozen_batch_norms(model: torch.nn.Module, *, seed: int = 0) -> None:
     """Give every frozen batch norm seeded statistics and affine values (they are buffers, so
-    :func:`perturb_parameters` does not reach them; at their defaults they would be identities)."""
+    :func:`reference_models.perturb_parameters` does not reach them; at their defaults they would be identities)."""
     generator = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, buffer in sorted(model.named_buffers()):
@@ -140,17 +138,15 @@ def build_reference_detr(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = DetrForSegmentation(reference_detr_config(**config_kwargs))
-    if perturb:
-        perturb_parameters(model, seed=seed, scale=perturb)
+    config = reference_detr_config(**config_kwargs)
+    model = seeded_reference_model(DetrForSegmentation, config, seed=seed, perturb=perturb)
     perturb_frozen_batch_norms(model, seed=seed)
     with torch.no_grad():
         # The mask head's first conv sees the unnormalised projected backbone map: biases of
         # the size of the other weights' noise would not move its output by 1e-5.
         bias = model.mask_head.conv1.conv.bias
         bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 20.0)
-    model.eval().save_pretrained(directory)
+    model.save_pretrained(directory)
     reference_detr_processor(shortest_edge=shortest_edge, longest_edge=longest_edge).save_pretrained(directory)
     return directory
 
@@ -175,9 +171,8 @@ def build_photo_detr(directory: str | Path, id2label: dict[int, str], photo: Ima
     from transformers import DetrForSegmentation
 
     directory = Path(directory)
-    torch.manual_seed(seed)
-    model = DetrForSegmentation(reference_detr_config(num_queries=12, id2label=id2label)).eval()
-    perturb_parameters(model, seed=seed, scale=0.1)
+    config = reference_detr_config(num_queries=12, id2label=id2label)
+    model = seeded_reference_model(DetrForSegmentation, config, seed=seed, perturb=0.1)
     perturb_frozen_batch_norms(model, seed=seed)
     processor = reference_detr_processor(shortest_edge=120, longest_edge=200)
     make_queries_distinct(model, processor(images=[photo], return_tensors="pt"), seed=seed)

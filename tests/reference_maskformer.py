@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from reference_models import perturb_parameters
+from reference_models import label_kwargs, seeded_reference_model, tiny_swin_backbone
 
 # Two tiny shapes that differ in everything a MaskFormer implementation can get wrong: Swin
 # depths and window (3 does not divide the maps, so windows pad), decoder depth and heads, an
@@ -79,16 +79,8 @@ def reference_maskformer_config(
     id2label: dict[int, str] | None = None,
 ):
     """A ``transformers.MaskFormerConfig`` for a tiny Swin-backed model (dropout off)."""
-    from transformers import DetrConfig, MaskFormerConfig, SwinConfig
+    from transformers import DetrConfig, MaskFormerConfig
 
-    backbone = SwinConfig(
-        embed_dim=embed_dim,
-        depths=list(depths),
-        num_heads=list(num_heads),
-        window_size=window_size,
-        drop_path_rate=0.0,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
     decoder = DetrConfig(
         d_model=d_model,
         decoder_layers=decoder_layers,
@@ -99,15 +91,15 @@ def reference_maskformer_config(
         auxiliary_loss=decoder_auxiliary_loss,
         use_timm_backbone=False,
     )
-    id2label = id2label or {i: f"label_{i}" for i in range(num_labels)}
     return MaskFormerConfig(
-        backbone_config=backbone,
+        backbone_config=tiny_swin_backbone(
+            depths=depths, num_heads=num_heads, window_size=window_size, embed_dim=embed_dim
+        ),
         decoder_config=decoder.to_dict(),
         fpn_feature_size=fpn_feature_size,
         mask_feature_size=mask_feature_size,
         use_auxiliary_loss=use_auxiliary_loss,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
+        **label_kwargs(num_labels, id2label),
     )
 
 
@@ -136,11 +128,9 @@ def build_reference_maskformer(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = MaskFormerForInstanceSegmentation(reference_maskformer_config(**config_kwargs))
-    if perturb:
-        perturb_parameters(model, seed=seed, scale=perturb)
-    model.eval().save_pretrained(directory)
+    config = reference_maskformer_config(**config_kwargs)
+    model = seeded_reference_model(MaskFormerForInstanceSegmentation, config, seed=seed, perturb=perturb)
+    model.save_pretrained(directory)
     reference_maskformer_processor(shortest_edge=shortest_edge, longest_edge=longest_edge).save_pretrained(directory)
     return directory
 
@@ -157,13 +147,12 @@ def build_distinct_queries_maskformer(directory: str | Path, id2label: dict[int,
     from transformers import MaskFormerForInstanceSegmentation
 
     directory = Path(directory)
-    torch.manual_seed(seed)
-    model = MaskFormerForInstanceSegmentation(reference_maskformer_config(num_queries=12, id2label=id2label))
-    perturb_parameters(model, seed=seed, scale=0.1)
+    config = reference_maskformer_config(num_queries=12, id2label=id2label)
+    model = seeded_reference_model(MaskFormerForInstanceSegmentation, config, seed=seed, perturb=0.1)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for weight in (model.model.transformer_module.queries_embedder.weight, model.class_predictor.weight):
             weight.copy_(torch.randn(weight.shape, generator=generator) * 5.0)
-    model.eval().save_pretrained(directory)
+    model.save_pretrained(directory)
     reference_maskformer_processor().save_pretrained(directory)
     return directory

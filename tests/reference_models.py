@@ -98,24 +98,16 @@ def reference_mask2former_config(
     adds the transformer decoder's input projections. ``feature_size`` must be a multiple
     of 32 (the pixel decoder's GroupNorm has 32 groups). Labels are named ``"label_0"``, ...
     """
-    from transformers import Mask2FormerConfig, SwinConfig
+    from transformers import Mask2FormerConfig
 
     feature_size = hidden_dim if feature_size is None else feature_size
     mask_feature_size = hidden_dim if mask_feature_size is None else mask_feature_size
     if feature_size % 32:
         raise ValueError(f"feature_size must be a multiple of 32, got {feature_size}")
-    backbone = SwinConfig(
-        image_size=224,
-        embed_dim=embed_dim,
-        depths=list(depths),
-        num_heads=list(num_heads),
-        window_size=window_size,
-        drop_path_rate=0.0,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    id2label = {i: f"label_{i}" for i in range(num_labels)}
     return Mask2FormerConfig(
-        backbone_config=backbone,
+        backbone_config=tiny_swin_backbone(
+            depths=depths, num_heads=num_heads, window_size=window_size, embed_dim=embed_dim
+        ),
         feature_size=feature_size,
         mask_feature_size=mask_feature_size,
         hidden_dim=hidden_dim,
@@ -126,8 +118,7 @@ def reference_mask2former_config(
         dim_feedforward=dim_feedforward,
         pre_norm=pre_norm,
         num_queries=num_queries,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
+        **label_kwargs(num_labels),
     )
 
 
@@ -142,6 +133,37 @@ def reference_image_processor(*, shortest_edge: int = 64, longest_edge: int = 96
         size_divisor=32,
         ignore_index=255,
     )
+
+
+def tiny_swin_backbone(*, depths: Sequence[int], num_heads: Sequence[int], window_size: int, embed_dim: int):
+    """A ``transformers.SwinConfig`` for a tiny backbone with its four stages out (drop path off)."""
+    from transformers import SwinConfig
+
+    return SwinConfig(
+        embed_dim=embed_dim,
+        depths=list(depths),
+        num_heads=list(num_heads),
+        window_size=window_size,
+        drop_path_rate=0.0,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+
+
+def label_kwargs(num_labels: int, id2label: dict[int, str] | None = None) -> dict[str, dict]:
+    """The ``id2label`` and ``label2id`` arguments of a reference config: ``id2label`` when
+    given, else ``num_labels`` labels named ``"label_0"``, ..."""
+    id2label = id2label or {i: f"label_{i}" for i in range(num_labels)}
+    return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+
+
+def seeded_reference_model(model_class: type, config: Any, *, seed: int, perturb: float) -> torch.nn.Module:
+    """``model_class(config)`` initialised after ``torch.manual_seed(seed)``, every parameter
+    then moved by ``perturb`` times seeded Gaussian noise (none when 0); in eval mode."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    if perturb:
+        perturb_parameters(model, seed=seed, scale=perturb)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -182,11 +204,8 @@ def build_reference_mask2former(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = Mask2FormerForUniversalSegmentation(reference_mask2former_config(**config_kwargs))
-    if perturb:
-        perturb_parameters(model, seed=seed, scale=perturb)
-    model.eval()
+    config = reference_mask2former_config(**config_kwargs)
+    model = seeded_reference_model(Mask2FormerForUniversalSegmentation, config, seed=seed, perturb=perturb)
     model.save_pretrained(directory)
     reference_image_processor(
         shortest_edge=shortest_edge, longest_edge=longest_edge

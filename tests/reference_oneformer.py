@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from reference_models import perturb_parameters
+from reference_models import label_kwargs, seeded_reference_model, tiny_swin_backbone
 
 # Two tiny shapes that differ in everything a OneFormer implementation can get wrong: Swin
 # depths and window (3 does not divide the maps), post- vs pre-norm decoders, widths, heads
@@ -108,19 +106,12 @@ def reference_oneformer_config(
     id2label: dict[int, str] | None = None,
 ):
     """A ``transformers.OneFormerConfig`` for a tiny Swin-backed model (dropout off)."""
-    from transformers import OneFormerConfig, SwinConfig
+    from transformers import OneFormerConfig
 
-    backbone = SwinConfig(
-        embed_dim=embed_dim,
-        depths=list(depths),
-        num_heads=list(num_heads),
-        window_size=window_size,
-        drop_path_rate=0.0,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    id2label = id2label or {i: f"label_{i}" for i in range(num_labels)}
     return OneFormerConfig(
-        backbone_config=backbone,
+        backbone_config=tiny_swin_backbone(
+            depths=depths, num_heads=num_heads, window_size=window_size, embed_dim=embed_dim
+        ),
         num_queries=num_queries,
         hidden_dim=hidden_dim,
         conv_dim=conv_dim,
@@ -142,8 +133,7 @@ def reference_oneformer_config(
         text_encoder_n_ctx=2,
         dropout=0.0,
         is_training=is_training,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
+        **label_kwargs(num_labels, id2label),
     )
 
 
@@ -205,11 +195,9 @@ def build_reference_oneformer(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = OneFormerForUniversalSegmentation(reference_oneformer_config(is_training=with_text_mapper, **config_kwargs))
-    if perturb:
-        perturb_parameters(model, seed=seed, scale=perturb)
-    model.eval().save_pretrained(directory)
+    config = reference_oneformer_config(is_training=with_text_mapper, **config_kwargs)
+    model = seeded_reference_model(OneFormerForUniversalSegmentation, config, seed=seed, perturb=perturb)
+    model.save_pretrained(directory)
     if with_text_mapper:
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from reference_models import perturb_parameters
+from reference_models import seeded_reference_model
 
 # Two shapes that differ in depth, window size (one that does not divide the grid, so
 # windows are padded), global-attention layers, heads and widths.
@@ -113,12 +113,8 @@ def build_reference_sam(directory: str | Path, *, seed: int = 0, perturb: float 
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     config = reference_sam_config(**config_kwargs)
-    model = SamModel(config)
-    if perturb:
-        perturb_parameters(model, seed=seed, scale=perturb)
-    model.eval()
+    model = seeded_reference_model(SamModel, config, seed=seed, perturb=perturb)
     model.save_pretrained(directory)
     reference_sam_processor(config.vision_config.image_size).save_pretrained(directory)
     return directory

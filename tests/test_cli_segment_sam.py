@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from reference_sam import TINY_SAM_CONFIGS, build_reference_sam
@@ -20,12 +19,7 @@ from omniseg.cli.main import main  # noqa: E402
 from omniseg.io.results import decode_rle  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(scope="module")

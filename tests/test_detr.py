@@ -9,13 +9,20 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from parity import (
+    TOLERANCE,
+    assert_pipeline_results_match,
+    assert_post_processed_match,
+    build_reference_dirs,
+    camvid_id2label,
+    relative_error,
+    small_camvid_val,
+    two_images,
+)
 from reference_detr import TINY_DETR_CONFIGS, build_photo_detr, build_reference_detr, reference_detr_config
-from test_mask2former_parity import relative_error, two_images
-from test_mask2former_processing import _assert_result_match, structured_outputs
+from test_mask2former_processing import structured_outputs
 
 import omniseg
 from omniseg.cli.main import main as omniseg_main
@@ -29,26 +36,13 @@ transformers = pytest.importorskip("transformers")
 from transformers import DetrForSegmentation as ReferenceDetr  # noqa: E402
 from transformers.models.detr.image_processing_pil_detr import DetrImageProcessorPil  # noqa: E402
 
-TOLERANCE = 1e-4  # max abs difference / max abs value
 OUTPUTS = ("logits", "pred_boxes", "pred_masks")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight for shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def reference_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("detr")
-    return {
-        name: build_reference_detr(root / name, seed=index, **kwargs)
-        for index, (name, kwargs) in enumerate(TINY_DETR_CONFIGS.items())
-    }
+    return build_reference_dirs(tmp_path_factory.mktemp("detr"), build_reference_detr, TINY_DETR_CONFIGS)
 
 
 def reference_inputs(directory: Path) -> dict[str, torch.Tensor]:
@@ -146,12 +140,7 @@ def test_post_processing_matches_reference(reference_dirs, target_sizes):
                     expected = getattr(reference, method)(expected_outputs, target_sizes=target_sizes, **kwargs)
                 got = getattr(ours, method)(run_ours(), target_sizes=target_sizes, **kwargs)
             assert len(got) == len(expected)
-            for a, b in zip(got, expected):
-                if task == "semantic":
-                    assert a.shape == b.shape and torch.equal(a, b)
-                else:
-                    _assert_result_match(a, b)
-                    segments += len(b["segments_info"])
+            segments += assert_post_processed_match(task, got, expected)
             if task == "semantic":  # the class scores test-time flip averages give the same map
                 with torch.inference_mode():
                     scores = ours.semantic_scores(run_ours(), target_sizes=target_sizes)
@@ -294,7 +283,7 @@ def test_unsupported_settings_are_clear_errors(reference_dirs, tmp_path):
 @pytest.fixture(scope="module")
 def photo_model_dir(camvid_dir, street_photo, tmp_path_factory) -> Path:
     """A tiny DETR with confident, distinct queries (several segments on the street photo)."""
-    id2label = {int(k): v for k, v in json.loads((camvid_dir / "id2label.json").read_text()).items()}
+    id2label = camvid_id2label(camvid_dir)
     return build_photo_detr(tmp_path_factory.mktemp("photo-detr"), id2label, street_photo)
 
 
@@ -314,29 +303,16 @@ def test_pipeline_matches_reference_pipeline_on_a_real_photo(photo_model_dir, st
     expected = reference(street_photo, subtask=subtask, **kwargs)
     got = ours(street_photo, subtask=subtask, **kwargs)
     assert len(expected) >= at_least  # real segments, not two empty lists
-    assert [r["label"] for r in got] == [r["label"] for r in expected]
-    for a, b in zip(got, expected):
-        assert (a["score"] is None) == (b["score"] is None)
-        if b["score"] is not None:
-            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
-        assert a["mask"].size == street_photo.size
-        np.testing.assert_array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+    assert_pipeline_results_match(got, expected, street_photo.size, score_tolerance=1e-5)
 
 
 def test_segment_cli_goes_on_past_a_broken_file_and_evaluate_runs(photo_model_dir, camvid_dir, tmp_path):
-    frames = sorted((camvid_dir / "images" / "val").glob("*.png"))[:2]
     data = tmp_path / "data"
-    for kind in ("images", "labels"):
-        (data / kind / "val").mkdir(parents=True)
-    for frame in frames:
-        Image.open(frame).convert("RGB").resize((160, 120), Image.BILINEAR).save(data / "images" / "val" / frame.name)
-        label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((160, 120), Image.NEAREST)
-        label.save(data / "labels" / "val" / frame.name)
-    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    frames = small_camvid_val(camvid_dir, data, count=2, size=(160, 120))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for frame in frames:
-        (inputs / frame.name).symlink_to(data / "images" / "val" / frame.name)
+        (inputs / frame.name).symlink_to(frame)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
 
     out = tmp_path / "segments"

@@ -7,10 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from parity import TOLERANCE, build_reference_dirs, relative_error, two_images
 from reference_models import TINY_MASK2FORMER_CONFIGS, build_reference_mask2former
 from safetensors.torch import load_file, save_file
 
@@ -24,42 +23,13 @@ from transformers.models.mask2former.image_processing_pil_mask2former import (  
     Mask2FormerImageProcessorPil,
 )
 
-TOLERANCE = 1e-4  # max abs difference / max abs value
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    assert ours.shape == reference.shape
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight for shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def reference_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mask2former")
-    return {
-        name: build_reference_mask2former(root / name, seed=index, **kwargs)
-        for index, (name, kwargs) in enumerate(TINY_MASK2FORMER_CONFIGS.items())
-    }
-
-
-def two_images() -> list[Image.Image]:
-    """Two smooth images of different odd sizes (so the batch is padded)."""
-    rng = np.random.default_rng(0)
-    images = []
-    for height, width in ((101, 147), (133, 121)):
-        coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
-        noise = rng.integers(-20, 21, (height, width, 3))
-        images.append(Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8)))
-    return images
+    return build_reference_dirs(root, build_reference_mask2former, TINY_MASK2FORMER_CONFIGS)
 
 
 def reference_inputs(directory: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from parity import assert_result_match
 
 from omniseg.ops import _numba, scored_argmax
 from omniseg.processing import mask_classification
@@ -24,13 +25,7 @@ from omniseg.processing.mask2former import Mask2FormerImageProcessor
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: one intra-op thread is faster, far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(params=["numba", "pytorch"])
@@ -255,23 +250,6 @@ def structured_outputs(seed: int, batch: int = 2, queries: int = 16, classes: in
     return SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
 
 
-def _assert_segments_match(ours: list[dict], ref: list[dict]) -> None:
-    assert [(s["id"], s["label_id"], s["was_fused"]) for s in ours] == [
-        (s["id"], s["label_id"], s["was_fused"]) for s in ref
-    ]
-    assert np.allclose([s["score"] for s in ours], [s["score"] for s in ref], atol=1e-4, rtol=0)
-
-
-def _assert_result_match(ours: dict, ref: dict) -> None:
-    _assert_segments_match(ours["segments_info"], ref["segments_info"])
-    a, b = ours["segmentation"], ref["segmentation"]
-    if isinstance(b, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b)
-    else:
-        assert [list(map(int, r)) for r in a] == [list(map(int, r)) for r in b]
-
-
 TARGETS = [None, [(61, 83), (400, 300)]]
 
 
@@ -298,7 +276,7 @@ def test_instance_post_processing_matches_reference(target_sizes) -> None:
             ours = processor.post_process_instance_segmentation(outputs, **kwargs)
             expected = ref.post_process_instance_segmentation(outputs, **kwargs)
             for a, b in zip(ours, expected):
-                _assert_result_match(a, b)
+                assert_result_match(a, b)
     # Nothing above the threshold: -1 map and no segments.
     empty = processor.post_process_instance_segmentation(structured_outputs(0), threshold=1.1, target_sizes=target_sizes)
     assert all(r["segments_info"] == [] and bool((r["segmentation"] == -1).all()) for r in empty)
@@ -325,7 +303,7 @@ def test_panoptic_post_processing_matches_reference(target_sizes, panoptic_reduc
                 warnings.simplefilter("ignore")
                 expected = ref.post_process_panoptic_segmentation(outputs, **kwargs)
             for a, b in zip(ours, expected):
-                _assert_result_match(a, b)
+                assert_result_match(a, b)
                 ids = [s["id"] for s in a["segments_info"]]
                 seen_fused += len(ids) - len(set(ids))
                 seen_dropped += threshold == 0.0 and len(ids) < outputs.class_queries_logits.shape[1]
@@ -452,7 +430,7 @@ def test_panoptic_fused_id_reuse_matches_reference_counter(panoptic_reduction) -
     outputs = SimpleNamespace(class_queries_logits=logits, masks_queries_logits=masks)
     ours = mask_classification.post_process_panoptic_segmentation(outputs, label_ids_to_fuse={0})
     expected = _reference().post_process_panoptic_segmentation(outputs, label_ids_to_fuse={0})
-    _assert_result_match(ours[0], expected[0])
+    assert_result_match(ours[0], expected[0])
     assert [s["id"] for s in ours[0]["segments_info"]] == [1, 2, 1, 2]
 
 
@@ -473,7 +451,7 @@ def test_panoptic_ties_and_nan_across_query_chunks(panoptic_reduction) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             expected = _reference().post_process_panoptic_segmentation(outputs, **kwargs)
-        _assert_result_match(ours[0], expected[0])
+        assert_result_match(ours[0], expected[0])
         assert len(ours[0]["segments_info"]) >= 2
 
 

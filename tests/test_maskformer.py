@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from parity import (
+    TOLERANCE,
+    assert_pipeline_results_match,
+    assert_post_processed_match,
+    build_reference_dirs,
+    camvid_id2label,
+    relative_error,
+    small_camvid_val,
+    two_images,
+)
 from reference_maskformer import TINY_MASKFORMER_CONFIGS, build_distinct_queries_maskformer, build_reference_maskformer
-from test_mask2former_parity import relative_error, two_images
-from test_mask2former_processing import _assert_result_match, structured_outputs
+from test_mask2former_processing import structured_outputs
 
 import omniseg
 from omniseg.cli.main import main as omniseg_main
@@ -29,25 +38,13 @@ from transformers.models.maskformer.image_processing_pil_maskformer import (  # 
     MaskFormerImageProcessorPil,
 )
 
-TOLERANCE = 1e-4  # max abs difference / max abs value
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight for shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def reference_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("maskformer")
-    return {
-        name: build_reference_maskformer(root / name, seed=index, **kwargs)
-        for index, (name, kwargs) in enumerate(TINY_MASKFORMER_CONFIGS.items())
-    }
+    return build_reference_dirs(root, build_reference_maskformer, TINY_MASKFORMER_CONFIGS)
 
 
 def reference_processor(directory: Path) -> MaskFormerImageProcessorPil:
@@ -165,12 +162,7 @@ def test_post_processing_matches_reference(reference_dirs, target_sizes):
                 warnings.simplefilter("ignore")
                 expected = getattr(reference, method)(output, target_sizes=target_sizes, **kwargs)
             got = getattr(ours, method)(output, target_sizes=target_sizes, **kwargs)
-            for a, b in zip(got, expected):
-                if task == "semantic":
-                    assert a.shape == b.shape and torch.equal(a, b)
-                else:
-                    _assert_result_match(a, b)
-                    segments += len(b["segments_info"])
+            segments += assert_post_processed_match(task, got, expected)
     assert segments > 50  # real segments were compared, not empty lists
 
 
@@ -252,7 +244,7 @@ def test_unsupported_backbones_and_types_are_clear_errors(reference_dirs, tmp_pa
 
 @pytest.fixture(scope="module")
 def photo_model_dir(camvid_dir, tmp_path_factory) -> Path:
-    id2label = {int(k): v for k, v in json.loads((camvid_dir / "id2label.json").read_text()).items()}
+    id2label = camvid_id2label(camvid_dir)
     # Exact mask equality needs pixels where two queries' score x probability do not nearly
     # tie: the implementations' logits differ by ~1e-6 relative, which can flip such a pixel
     # (seed 0 has one of 172,800 in its panoptic map). Seed 4 has none on this photo.
@@ -275,13 +267,7 @@ def test_pipeline_matches_reference_pipeline_on_a_real_photo(photo_model_dir, st
     expected = reference(street_photo, subtask=subtask, **kwargs)
     got = ours(street_photo, subtask=subtask, **kwargs)
     assert len(expected) >= at_least  # real segments, not two empty lists
-    assert [r["label"] for r in got] == [r["label"] for r in expected]
-    for a, b in zip(got, expected):
-        assert (a["score"] is None) == (b["score"] is None)
-        if b["score"] is not None:
-            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
-        assert a["mask"].size == street_photo.size
-        np.testing.assert_array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+    assert_pipeline_results_match(got, expected, street_photo.size, score_tolerance=1e-4)
 
 
 def test_train_cli_fine_tunes_maskformer(camvid_dir, reference_dirs, tmp_path):
@@ -318,15 +304,8 @@ def test_train_cli_fine_tunes_maskformer(camvid_dir, reference_dirs, tmp_path):
 
 
 def test_segment_and_evaluate_cli_run_maskformer(photo_model_dir, camvid_dir, tmp_path):
-    frames = sorted((camvid_dir / "images" / "val").glob("*.png"))[:2]
     data = tmp_path / "data"
-    for kind in ("images", "labels"):
-        (data / kind / "val").mkdir(parents=True)
-    for frame in frames:
-        Image.open(frame).convert("RGB").resize((120, 90), Image.BILINEAR).save(data / "images" / "val" / frame.name)
-        label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((120, 90), Image.NEAREST)
-        label.save(data / "labels" / "val" / frame.name)
-    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    frames = small_camvid_val(camvid_dir, data, count=2, size=(120, 90))
 
     out = tmp_path / "segments"
     assert omniseg_main(["segment", str(data / "images" / "val"), "--out", str(out), "--model", str(photo_model_dir),

@@ -9,14 +9,21 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from parity import (
+    TOLERANCE,
+    assert_pipeline_results_match,
+    assert_post_processed_match,
+    build_reference_dirs,
+    camvid_id2label,
+    relative_error,
+    small_camvid_val,
+    two_images,
+)
 from reference_models import perturb_parameters
 from reference_oneformer import TINY_ONEFORMER_CONFIGS, build_reference_oneformer, save_reference_processor
-from test_mask2former_parity import relative_error, two_images
-from test_mask2former_processing import _assert_result_match, structured_outputs
+from test_mask2former_processing import structured_outputs
 
 import omniseg
 from omniseg.cli.main import main as omniseg_main
@@ -30,17 +37,8 @@ pytest.importorskip("tokenizers")
 from transformers import AutoTokenizer, OneFormerProcessor  # noqa: E402
 from transformers import OneFormerForUniversalSegmentation as ReferenceOneFormer  # noqa: E402
 
-TOLERANCE = 1e-4  # max abs difference / max abs value
 TASKS = ("semantic", "instance", "panoptic")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight for shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,11 +67,7 @@ def reference_resize():
 
 @pytest.fixture(scope="module")
 def reference_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("oneformer")
-    return {
-        name: build_reference_oneformer(root / name, seed=index, **kwargs)
-        for index, (name, kwargs) in enumerate(TINY_ONEFORMER_CONFIGS.items())
-    }
+    return build_reference_dirs(tmp_path_factory.mktemp("oneformer"), build_reference_oneformer, TINY_ONEFORMER_CONFIGS)
 
 
 def quiet_reference(directory: Path) -> ReferenceOneFormer:
@@ -210,12 +204,7 @@ def test_post_processing_matches_reference(reference_dirs, reference_outputs, ta
                 expected = getattr(reference, method)(output, target_sizes=target_sizes, **kwargs)
             got = getattr(ours, method)(output, target_sizes=target_sizes, **kwargs)
             assert len(got) == len(expected) == 2
-            for a, b in zip(got, expected):
-                if task == "semantic":
-                    assert a.shape == b.shape and torch.equal(a, b)
-                else:
-                    _assert_result_match(a, b)
-                    segments += len(b["segments_info"])
+            segments += assert_post_processed_match(task, got, expected)
     assert segments > 50  # real segments were compared, not empty lists
 
 
@@ -299,7 +288,7 @@ def build_photo_oneformer(directory: Path, id2label: dict[int, str], *, seed: in
 
 @pytest.fixture(scope="module")
 def photo_model_dir(camvid_dir, tmp_path_factory) -> Path:
-    id2label = {int(k): v for k, v in json.loads((camvid_dir / "id2label.json").read_text()).items()}
+    id2label = camvid_id2label(camvid_dir)
     # Exact mask equality needs pixels where two queries' score x mask value do not nearly
     # tie: the implementations' logits differ by ~3e-6 relative, which flips 1-2 of the
     # photo's 172,800 pixels for about half the seeds (instance segments compete on raw mask
@@ -324,24 +313,12 @@ def test_pipeline_matches_reference_pipeline_on_a_real_photo(photo_model_dir, st
         expected = reference(street_photo, subtask=subtask, **kwargs)
     got = ours(street_photo, subtask=subtask, **kwargs)
     assert len(expected) >= at_least  # real segments, not two empty lists
-    assert [r["label"] for r in got] == [r["label"] for r in expected]
-    for a, b in zip(got, expected):
-        assert (a["score"] is None) == (b["score"] is None)
-        if b["score"] is not None:
-            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
-        assert a["mask"].size == street_photo.size
-        np.testing.assert_array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+    assert_pipeline_results_match(got, expected, street_photo.size, score_tolerance=1e-4)
 
 
 def test_segment_and_evaluate_cli_run_oneformer(photo_model_dir, camvid_dir, tmp_path, capsys):
     data = tmp_path / "data"
-    for kind in ("images", "labels"):
-        (data / kind / "val").mkdir(parents=True)
-    frame = sorted((camvid_dir / "images" / "val").glob("*.png"))[0]
-    Image.open(frame).convert("RGB").resize((120, 90), Image.BILINEAR).save(data / "images" / "val" / frame.name)
-    label = Image.open(camvid_dir / "labels" / "val" / frame.name).resize((120, 90), Image.NEAREST)
-    label.save(data / "labels" / "val" / frame.name)
-    (data / "id2label.json").write_text((camvid_dir / "id2label.json").read_text())
+    (frame,) = small_camvid_val(camvid_dir, data, count=1, size=(120, 90))
 
     photos = data / "images" / "val"
     (tmp_path / "broken.png").write_bytes(b"not a PNG")

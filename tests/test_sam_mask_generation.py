@@ -30,12 +30,7 @@ from omniseg.processing import mask_generation as amg  # noqa: E402
 from transformers.models.sam import image_processing_pil_sam as reference_amg  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(scope="module")

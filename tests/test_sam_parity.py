@@ -20,12 +20,7 @@ from omniseg import load_model  # noqa: E402
 from omniseg.models.sam import SamModel  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_SAM_CONFIGS))

@@ -16,12 +16,7 @@ from omniseg.errors import PromptError  # noqa: E402
 from omniseg.processing.sam import SamImageProcessor  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(scope="module", params=[1024, 96])

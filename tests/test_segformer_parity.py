@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from parity import relative_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,10 +92,6 @@ def reference_processor(**kwargs: Any):
 def load_reference(directory: Path):
     model = transformers.SegformerForSemanticSegmentation.from_pretrained(directory).eval()
     return model, transformers.AutoImageProcessor.from_pretrained(directory)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_SEGFORMER_CONFIGS))

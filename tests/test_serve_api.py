@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from reference_models import build_reference_mask2former
 
@@ -33,12 +32,7 @@ from omniseg.serve.registry import ServedModel  # noqa: E402
 MAX_PIXELS = 4_000_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_test")
 
 
 @pytest.fixture(scope="module")

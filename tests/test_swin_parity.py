@@ -43,14 +43,7 @@ CONFIGS = {
 SIZES = [(67, 93), (128, 96)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models are tiny: one thread is faster, and far faster on a shared, busy machine
-    where intra-op threads spin waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 
 
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:

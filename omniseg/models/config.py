@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from omniseg.errors import CheckpointError
+from omniseg.errors import CheckpointError, UnsupportedModelError
 from omniseg.io.atomic import atomic_write_text
 
 CONFIG_NAME = "config.json"
@@ -64,7 +64,13 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls: type[ConfigT], path: str | Path) -> ConfigT:
-        return cls.from_dict(read_json(path))
+        """Read a ``config.json``; an :class:`UnsupportedModelError` raised while parsing it
+        names the file instead of the offending key."""
+        data = read_json(path)
+        try:
+            return cls.from_dict(data)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(path, exc.reason) from None
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME

@@ -23,13 +23,7 @@ import torch
 
 from omniseg.processing import mask_classification, transforms
 from omniseg.processing.base import ImageProcessor
-from omniseg.processing.mask2former import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    _as_list,
-    _convert_tensors,
-    _float_or_list,
-)
+from omniseg.processing.mask2former import _as_list, _convert_tensors, _float_or_list
 from omniseg.processing.outputs import BatchFeature
 from omniseg.processing.transforms import ImageLike
 
@@ -57,8 +51,8 @@ class DetrImageProcessor(ImageProcessor):
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: float | list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
-    image_std: float | list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
+    image_mean: float | list[float] = dataclasses.field(default_factory=lambda: list(transforms.IMAGENET_DEFAULT_MEAN))
+    image_std: float | list[float] = dataclasses.field(default_factory=lambda: list(transforms.IMAGENET_DEFAULT_STD))
     do_pad: bool = True
     pad_size: dict[str, int] | None = None
     do_convert_rgb: bool | None = None

@@ -14,9 +14,6 @@ from omniseg.processing.base import ImageProcessor
 from omniseg.processing.outputs import BatchFeature
 from omniseg.processing.transforms import ImageLike
 
-IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
-
 
 def _default_size() -> dict[str, int]:
     return {"shortest_edge": 800, "longest_edge": 1333}
@@ -77,6 +74,8 @@ class Mask2FormerImageProcessor(ImageProcessor):
     processor_type = "Mask2FormerImageProcessor"
     # Post-processing first brings mask logits to this size (None: keeps the model's).
     mask_size: ClassVar[mask_classification.MaskSize] = mask_classification.REFERENCE_MASK_SIZE
+    # Whether panoptic maps are resized to the targets with antialiased bilinear.
+    panoptic_antialias: ClassVar[bool] = False
 
     do_resize: bool = True
     size: dict[str, int] = dataclasses.field(default_factory=_default_size)
@@ -85,8 +84,8 @@ class Mask2FormerImageProcessor(ImageProcessor):
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: float | list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
-    image_std: float | list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
+    image_mean: float | list[float] = dataclasses.field(default_factory=lambda: list(transforms.IMAGENET_DEFAULT_MEAN))
+    image_std: float | list[float] = dataclasses.field(default_factory=lambda: list(transforms.IMAGENET_DEFAULT_STD))
     ignore_index: int | None = None
     do_reduce_labels: bool = False
     num_labels: int | None = None
@@ -287,6 +286,7 @@ class Mask2FormerImageProcessor(ImageProcessor):
             label_ids_to_fuse=label_ids_to_fuse,
             target_sizes=target_sizes,
             mask_size=self.mask_size,
+            antialias=self.panoptic_antialias,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +57,8 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
 
     processor_type = "OneFormerImageProcessor"
     size_divisor: ClassVar[int] = 0
+    # The reference's OneFormer resizes panoptic maps with torchvision, which antialiases.
+    panoptic_antialias: ClassVar[bool] = True
     # The pipeline passes the task to the processor.
     takes_task_inputs: ClassVar[bool] = True
 
@@ -192,29 +194,6 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
             allowed_labels=thing_ids,
             relabel=relabel,
             return_coco_annotation=return_coco_annotation,
-        )
-
-    def post_process_panoptic_segmentation(
-        self,
-        outputs: Any,
-        threshold: float = 0.5,
-        mask_threshold: float = 0.5,
-        overlap_mask_area_threshold: float = 0.8,
-        label_ids_to_fuse: Iterable[int] | None = None,
-        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
-    ) -> list[dict[str, Any]]:
-        """MaskFormer's panoptic segments, resized to the targets with antialiased bilinear
-        (the reference's OneFormer resizes them with torchvision); see
-        :func:`omniseg.processing.mask_classification.post_process_panoptic_segmentation`."""
-        return mask_classification.post_process_panoptic_segmentation(
-            outputs,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            overlap_mask_area_threshold=overlap_mask_area_threshold,
-            label_ids_to_fuse=label_ids_to_fuse,
-            target_sizes=target_sizes,
-            mask_size=self.mask_size,
-            antialias=True,
         )
 
     def thing_ids(self) -> list[int]:

@@ -22,8 +22,6 @@ from omniseg.processing import transforms
 from omniseg.processing.base import ImageProcessor
 from omniseg.processing.outputs import BatchFeature
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 
@@ -54,8 +52,8 @@ class SegformerImageProcessor(ImageProcessor):
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: Any = dataclasses.field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
-    image_std: Any = dataclasses.field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
+    image_mean: Any = dataclasses.field(default_factory=lambda: list(transforms.IMAGENET_DEFAULT_MEAN))
+    image_std: Any = dataclasses.field(default_factory=lambda: list(transforms.IMAGENET_DEFAULT_STD))
     do_reduce_labels: bool = False
     do_convert_rgb: bool | None = None
 

@@ -30,6 +30,10 @@ ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 
+# The ImageNet statistics that the hub's processors normalise with by default.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
 # PIL resampling codes, as stored in preprocessor_config.json ("resample": 2).
 NEAREST = 0
 LANCZOS = 1

@@ -20,7 +20,6 @@ Both timm forms store the backbone's weights under timm's names (see
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from omniseg.errors import UnsupportedModelError
@@ -78,13 +77,6 @@ class DetrConfig(MaskFormerDecoderConfig):
                 "d_model", "DETR's mask head needs d_model + encoder_attention_heads divisible by 8"
             )
         self.resnet, self.timm_layout = _resnet_of(self)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "DetrConfig":
-        try:
-            return super().from_json_file(path)
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(path, exc.reason) from None
 
 
 def _resnet_of(config: DetrConfig) -> tuple[ResNetConfig, bool]:

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniseg.models.detr.config import DetrConfig
-from omniseg.models.mask2former.transformer_decoder import _ACTIVATIONS
-from omniseg.models.maskformer.transformer_decoder import Attention
+from omniseg.models.mask2former.transformer_decoder import _ACTIVATIONS, Attention
 from omniseg.ops.linear import Linear
 
 

@@ -8,12 +8,10 @@ is nested under ``backbone_config``; omniseg implements the Swin backbone.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-from omniseg.errors import UnsupportedModelError
 from omniseg.models.config import ModelConfig
-from omniseg.models.swin import SwinConfig
+from omniseg.models.swin import SwinConfig, pop_swin_backbone
 
 # The reference's backbone when ``backbone_config`` is missing (Swin-B-like, 4 stages out).
 _DEFAULT_BACKBONE = {
@@ -70,41 +68,12 @@ class Mask2FormerConfig(ModelConfig):
     def __post_init__(self) -> None:
         self.feature_strides = list(self.feature_strides)
 
-    @property
-    def backbone_channels(self) -> list[int]:
-        """Channels of the backbone feature maps the pixel decoder receives, high-res first."""
-        channels = self.backbone_config.stage_channels
-        return [channels[name] for name in self.backbone_config.out_features]
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Mask2FormerConfig":
         """Parse a ``config.json`` dict; raises :class:`UnsupportedModelError` for a backbone
         omniseg does not implement (anything but Swin, or a timm / by-name backbone)."""
         data = dict(data)
-        backbone = data.pop("backbone_config", None)
-        if backbone is None:
-            if data.get("backbone") or data.get("use_timm_backbone"):
-                raise UnsupportedModelError(
-                    "backbone_config",
-                    f"Mask2Former with a backbone loaded by name ({data.get('backbone')!r}"
-                    f"{', from timm' if data.get('use_timm_backbone') else ''}) is not supported; "
-                    "omniseg implements Mask2Former with a Swin backbone given in backbone_config",
-                )
-            backbone = _DEFAULT_BACKBONE
-        backbone_type = backbone.get("model_type")
-        if backbone_type != SwinConfig.model_type:
-            raise UnsupportedModelError(
-                "backbone_config",
-                f"Mask2Former backbone {backbone_type!r} is not supported; "
-                "omniseg implements Mask2Former with a Swin backbone (model_type 'swin')",
-            )
+        backbone = pop_swin_backbone(data, "Mask2Former", _DEFAULT_BACKBONE)
         config = super().from_dict(data)
         config.backbone_config = SwinConfig.from_dict(backbone)
         return config
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "Mask2FormerConfig":
-        try:
-            return super().from_json_file(path)
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(path, exc.reason) from None

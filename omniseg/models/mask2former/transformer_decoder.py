@@ -45,8 +45,10 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention; the position embedding is added to queries and keys.
+class Attention(nn.Module):
+    """Multi-head attention with separate query, key and value projections; the caller adds
+    positions to queries and keys, never to values (Mask2Former's self-attention, DETR's
+    self- and cross-attention).
 
     Checkpoint names: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``.
     """
@@ -54,7 +56,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden_dim {dim} is not divisible by num_attention_heads {num_heads}")
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} attention heads")
         self.num_heads = num_heads
         self.dropout = dropout
         self.q_proj = Linear(dim, dim)
@@ -62,15 +64,16 @@ class SelfAttention(nn.Module):
         self.v_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
 
-    def forward(self, hidden_states: Tensor, position_embeddings: Tensor) -> Tensor:
-        """``[B, Q, C]`` (+ ``[Q, C]`` positions) -> ``[B, Q, C]``."""
-        with_position = hidden_states + position_embeddings
-        query = _split_heads(self.q_proj(with_position), self.num_heads)
-        key = _split_heads(self.k_proj(with_position), self.num_heads)
-        value = _split_heads(self.v_proj(hidden_states), self.num_heads)
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``query [B, Q, C]`` (positions included), ``key [B, N, C]`` (positions included),
+        ``value [B, N, C]`` -> ``[B, Q, C]``. ``key_mask [B, 1, 1, N]`` (bool, optional):
+        which keys may be attended to (DETR's padding mask)."""
+        q = _split_heads(self.q_proj(query), self.num_heads)
+        k = _split_heads(self.k_proj(key), self.num_heads)
+        v = _split_heads(self.v_proj(value), self.num_heads)
         dropout = self.dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
-        return self.out_proj(_merge_heads(context))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+        return self.out_proj(_merge_heads(attended))
 
 
 class MaskedCrossAttention(HoldsPackedWeights):
@@ -132,7 +135,7 @@ class MaskedAttentionDecoderLayer(nn.Module):
         self.dropout = config.dropout
         self.cross_attn = MaskedCrossAttention(dim, config.num_attention_heads, config.dropout)
         self.cross_attn_layer_norm = nn.LayerNorm(dim)
-        self.self_attn = SelfAttention(dim, config.num_attention_heads, config.dropout)
+        self.self_attn = Attention(dim, config.num_attention_heads, config.dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = Linear(dim, config.dim_feedforward)
         self.fc2 = Linear(config.dim_feedforward, dim)
@@ -163,7 +166,8 @@ class MaskedAttentionDecoderLayer(nn.Module):
             return self._drop(self.cross_attn(x + query_positions, keys, features, attend))
 
         def self_attend(x: Tensor) -> Tensor:
-            return self._drop(self.self_attn(x, query_positions))
+            with_position = x + query_positions
+            return self._drop(self.self_attn(with_position, with_position, x))
 
         def mlp(x: Tensor) -> Tensor:
             x = self._drop(self.activation(self.fc1(x)))

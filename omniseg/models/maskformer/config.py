@@ -9,12 +9,11 @@ DETR transformer decoder's (``decoder_config``, model_type ``detr``).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from omniseg.errors import UnsupportedModelError
 from omniseg.models.config import ModelConfig
-from omniseg.models.swin import SwinConfig
+from omniseg.models.swin import SwinConfig, pop_swin_backbone
 
 ALL_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -92,34 +91,14 @@ class MaskFormerConfig(ModelConfig):
     def num_queries(self) -> int:
         return self.decoder_config.num_queries
 
-    @property
-    def backbone_channels(self) -> list[int]:
-        """Channels of the four backbone maps, high-res first."""
-        channels = self.backbone_config.stage_channels
-        return [channels[name] for name in self.backbone_config.out_features]
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MaskFormerConfig":
         """Parse a ``config.json`` dict; raises :class:`UnsupportedModelError` for a backbone
         omniseg does not implement for MaskFormer (anything but Swin) or decoder (not DETR)."""
         data = dict(data)
-        backbone = data.pop("backbone_config", None)
         decoder = data.pop("decoder_config", None)
-        if backbone is None:
-            if data.get("backbone") or data.get("use_timm_backbone"):
-                raise UnsupportedModelError(
-                    "backbone_config",
-                    f"MaskFormer with a backbone loaded by name ({data.get('backbone')!r}) is not supported; "
-                    "omniseg implements MaskFormer with a Swin backbone given in backbone_config",
-                )
-            backbone = _DEFAULT_BACKBONE
-        backbone_type = backbone.get("model_type")
-        if backbone_type not in _SWIN_TYPES:
-            raise UnsupportedModelError(
-                "backbone_config",
-                f"MaskFormer backbone {backbone_type!r} is not supported; omniseg implements "
-                "MaskFormer with a Swin backbone (model_type 'swin' or 'maskformer-swin')",
-            )
+        backbone = pop_swin_backbone(data, "MaskFormer", _DEFAULT_BACKBONE, _SWIN_TYPES)
+        backbone_type = backbone["model_type"]
         backbone = dict(backbone, model_type="swin")
         if backbone_type == "swin":
             # The reference turns a plain Swin config into its MaskFormer variant with all
@@ -146,10 +125,3 @@ class MaskFormerConfig(ModelConfig):
             )
         config.decoder_config = MaskFormerDecoderConfig.from_dict(decoder)
         return config
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "MaskFormerConfig":
-        try:
-            return super().from_json_file(path)
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(path, exc.reason) from None

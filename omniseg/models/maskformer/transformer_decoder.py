@@ -18,38 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniseg.models.mask2former.pixel_decoder import sine_position_embedding
-from omniseg.models.mask2former.transformer_decoder import _ACTIVATIONS, _merge_heads, _split_heads
+from omniseg.models.mask2former.transformer_decoder import _ACTIVATIONS, Attention
 from omniseg.models.maskformer.config import MaskFormerDecoderConfig
 from omniseg.ops.linear import Linear
-
-
-class Attention(nn.Module):
-    """Multi-head attention; positions are added to queries and keys, never to values.
-
-    Checkpoint names: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``.
-    """
-
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"d_model {dim} is not divisible by decoder_attention_heads {num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """``query [B, Q, C]`` (positions included), ``key [B, N, C]`` (positions included),
-        ``value [B, N, C]`` -> ``[B, Q, C]``. ``key_mask [B, 1, 1, N]`` (bool, optional):
-        which keys may be attended to (DETR's padding mask)."""
-        q = _split_heads(self.q_proj(query), self.num_heads)
-        k = _split_heads(self.k_proj(key), self.num_heads)
-        v = _split_heads(self.v_proj(value), self.num_heads)
-        dropout = self.dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
-        return self.out_proj(_merge_heads(attended))
 
 
 class DetrDecoderLayer(nn.Module):

@@ -13,13 +13,12 @@ gives the Mask2Former config those shared modules are built from.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from omniseg.errors import UnsupportedModelError
 from omniseg.models.config import ModelConfig
 from omniseg.models.mask2former.config import Mask2FormerConfig
-from omniseg.models.swin import SwinConfig
+from omniseg.models.swin import SwinConfig, pop_swin_backbone
 
 # The reference's backbone when ``backbone_config`` is missing (Swin-T-like, 4 stages out).
 _DEFAULT_BACKBONE = {
@@ -91,12 +90,6 @@ class OneFormerConfig(ModelConfig):
     def __post_init__(self) -> None:
         self.strides = list(self.strides)
 
-    @property
-    def backbone_channels(self) -> list[int]:
-        """Channels of the backbone feature maps the pixel decoder receives, high-res first."""
-        channels = self.backbone_config.stage_channels
-        return [channels[name] for name in self.backbone_config.out_features]
-
     def mask2former_view(self) -> Mask2FormerConfig:
         """The settings of the pixel decoder and masked-attention decoder under Mask2Former's
         names (the modules are Mask2Former's).
@@ -130,22 +123,7 @@ class OneFormerConfig(ModelConfig):
         omniseg does not implement (anything but Swin, or a timm / by-name backbone), a
         normalisation other than group norm, or widths the reference cannot load either."""
         data = dict(data)
-        backbone = data.pop("backbone_config", None)
-        if backbone is None:
-            if data.get("backbone") or data.get("use_timm_backbone"):
-                raise UnsupportedModelError(
-                    "backbone_config",
-                    f"OneFormer with a backbone loaded by name ({data.get('backbone')!r}) is not supported; "
-                    "omniseg implements OneFormer with a Swin backbone given in backbone_config",
-                )
-            backbone = _DEFAULT_BACKBONE
-        backbone_type = backbone.get("model_type")
-        if backbone_type != SwinConfig.model_type:
-            raise UnsupportedModelError(
-                "backbone_config",
-                f"OneFormer backbone {backbone_type!r} is not supported; "
-                "omniseg implements OneFormer with a Swin backbone (model_type 'swin')",
-            )
+        backbone = pop_swin_backbone(data, "OneFormer", _DEFAULT_BACKBONE)
         config = super().from_dict(data)
         config.backbone_config = SwinConfig.from_dict(backbone)
         if config.norm != "GN":
@@ -165,10 +143,3 @@ class OneFormerConfig(ModelConfig):
                 "config", f"OneFormer needs mask_dim == conv_dim (got {config.mask_dim} and {config.conv_dim})"
             )
         return config
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "OneFormerConfig":
-        try:
-            return super().from_json_file(path)
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(path, exc.reason) from None

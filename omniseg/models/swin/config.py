@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from omniseg.errors import UnsupportedModelError
 from omniseg.models.config import ModelConfig
 
 # Keys the reference writes but derives from ``depths`` / ``embed_dim``: read back from a
@@ -132,3 +133,37 @@ class SwinConfig(ModelConfig):
         data["num_layers"] = self.num_layers
         data["hidden_size"] = self.hidden_size
         return data
+
+
+def pop_swin_backbone(
+    data: dict[str, Any],
+    architecture: str,
+    default: dict[str, Any],
+    model_types: tuple[str, ...] = ("swin",),
+) -> dict[str, Any]:
+    """Remove and return the ``backbone_config`` dict of a model that omniseg builds on Swin.
+
+    A missing ``backbone_config`` means the reference's ``default``, unless the config names
+    a backbone to load by name or from timm instead: omniseg implements neither, nor a
+    backbone whose ``model_type`` is not in ``model_types``; both raise
+    :class:`UnsupportedModelError` naming ``architecture``.
+    """
+    backbone = data.pop("backbone_config", None)
+    if backbone is None:
+        if data.get("backbone") or data.get("use_timm_backbone"):
+            raise UnsupportedModelError(
+                "backbone_config",
+                f"{architecture} with a backbone loaded by name ({data.get('backbone')!r}"
+                f"{', from timm' if data.get('use_timm_backbone') else ''}) is not supported; "
+                f"omniseg implements {architecture} with a Swin backbone given in backbone_config",
+            )
+        return default
+    backbone_type = backbone.get("model_type")
+    if backbone_type not in model_types:
+        spelled = " or ".join(repr(name) for name in model_types)
+        raise UnsupportedModelError(
+            "backbone_config",
+            f"{architecture} backbone {backbone_type!r} is not supported; "
+            f"omniseg implements {architecture} with a Swin backbone (model_type {spelled})",
+        )
+    return backbone
