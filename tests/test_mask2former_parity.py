@@ -257,7 +257,7 @@ def test_mixed_size_batch_matches_reference(confident_swin_model, street_photo, 
 
 
 def test_group_norm_is_exact_on_channels_last_maps():
-    from omniseg.models.mask2former.pixel_decoder import GroupNorm
+    from omniseg.ops.group_norm import GroupNorm
 
     torch.manual_seed(0)
     x = torch.randn(2, 64, 12, 10) * 0.5 + 3.0

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.mask2former.pixel_decoder import GroupNorm
+from omniseg.ops.group_norm import GroupNorm
 from omniseg.ops.linear import Linear
 
 # Queries decoded together: a chunk's stride-4 maps (16-32 channels) stay a few tens of MB

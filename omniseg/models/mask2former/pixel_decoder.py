@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omniseg.models.mask2former.config import Mask2FormerConfig
+from omniseg.ops.group_norm import GroupNorm
 from omniseg.ops.linear import Linear, PointwiseConv2d, linear_and_activation
 from omniseg.ops.ms_deform_attn import deformable_sampling
 
@@ -225,34 +226,6 @@ def _softmax(logits: Tensor) -> Tensor:
     slower on rows as short as the deformable attention's (levels * points = 12)."""
     weights = (logits - logits.amax(-1, keepdim=True)).exp_()
     return weights / weights.sum(-1, keepdim=True)
-
-
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` with exact statistics on channels-last maps too.
-
-    PyTorch's channels-last CPU kernel takes a group's variance as ``E[x^2] - E[x]^2`` in
-    float32, which cancels badly where a map's values sit far from zero with little spread:
-    the near-constant padding of the smaller images of a batch, for example (5e-5 relative
-    error on such maps, against 2e-7 for the channels-first kernel; the decoder's masked
-    attention then turns that into other masks). Here each channel's mean and variance come
-    from ``var_mean`` and are pooled per group exactly (the group variance is the channels'
-    mean variance plus the variance of their means), then one ``addcmul`` normalises.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.is_contiguous():
-            return super().forward(x)
-        batch, channels, height, width = x.shape
-        groups, per_group = self.num_groups, channels // self.num_groups
-        flat = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view of channels-last memory
-        var_c, mean_c = torch.var_mean(flat, dim=1, unbiased=False)  # [B, C]
-        mean_c, var_c = mean_c.view(batch, groups, per_group), var_c.view(batch, groups, per_group)
-        mean = mean_c.mean(-1, keepdim=True)  # [B, G, 1]
-        var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, groups, per_group)  # [B, G, C / G]
-        shift = self.bias.view(1, groups, per_group) - mean * scale
-        out = torch.addcmul(shift.view(batch, 1, channels), flat, scale.view(batch, 1, channels))
-        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _conv_norm(in_channels: int, out_channels: int, *, kernel_size: int, bias: bool) -> list[nn.Module]:
