@@ -452,3 +452,29 @@ def test_class_balance_weighs_rare_classes_up(frames, mask2former_dir, tmp_path,
     assert weights_by_name["road"] < 1.0 < weights_by_name["pole"]
     assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cb2", "--max-steps", "1",
                  "--class-balance", *FAST) == 1
+
+
+def test_amp_on_the_cpu_trains_in_bfloat16_and_evaluates_in_float32(frames, mask2former_dir, tmp_path, monkeypatch) -> None:
+    """--amp: bfloat16 autocast for the training steps on the CPU; evaluation stays float32
+    (the pipeline's numbers); without it the CPU trains in float32."""
+    from omniseg.models.mask2former import Mask2FormerForUniversalSegmentation
+
+    seen: list[tuple[bool, bool, torch.dtype]] = []
+    forward = Mask2FormerForUniversalSegmentation.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append((self.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mask2FormerForUniversalSegmentation, "forward", recording_forward)
+    common = ["--model", mask2former_dir, "--data", frames, "--max-steps", "2", "--batch-size", "2",
+              "--eval-every", "2", *FAST]
+    assert train(*common, "--amp", "--out", tmp_path / "amp") == 0
+    assert {(autocast, dtype) for training, autocast, dtype in seen if training} == {(True, torch.bfloat16)}
+    assert {autocast for training, autocast, _ in seen if not training} == {False}
+    losses = [r["loss"] for r in read_log(tmp_path / "amp")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+    seen.clear()
+    assert train(*common, "--out", tmp_path / "float32") == 0
+    assert seen and not any(autocast for _, autocast, _ in seen)

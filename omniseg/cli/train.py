@@ -80,7 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="with --semantic-aux-weight: weigh the per-pixel loss by median-frequency "
                         "class balancing over the training labels")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--amp", action="store_true",
+                           help="bfloat16 mixed precision on the CPU too (evaluation stays float32): "
+                           "much faster where the CPU has bfloat16 products (AVX512-BF16 or AMX), "
+                           "slower where it would emulate them")
+    precision.add_argument("--no-amp", action="store_true",
+                           help="no mixed precision (by default CUDA trains in bfloat16/float16 autocast, the CPU in float32)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="stop after this step as if interrupted (checkpointed; the schedule still "
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             checkpoint_every=args.checkpoint_every,
             num_workers=args.num_workers,
-            mixed_precision=not args.no_amp,
+            mixed_precision=True if args.amp else False if args.no_amp else None,
             resume=args.resume,
             stop_at_step=args.stop_at_step,
             progress=not args.no_progress,
