@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _usage_error(args, f"--out {out} exists and is not a folder")
+    problem = _out_problem(out)
+    if problem is not None:
+        return _usage_error(args, problem)
     from omniseg.distributed import engine as ray_engine  # imports Ray only when used
 
     problem = ray_engine.usage_problem(args)
@@ -158,9 +161,12 @@ def run(args: argparse.Namespace) -> int:
     items = _collect(args.inputs, out)
     if not items:
         print("omniseg segment: no image files found in the inputs", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
     errors_path = out / ERRORS_FILE
-    errors_path.unlink(missing_ok=True)  # it describes the latest run only
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        errors_path.unlink(missing_ok=True)  # it describes the latest run only
+    except OSError as exc:  # _out_problem's check passed, yet the filesystem refused
+        return _usage_error(args, f"--out {out}: cannot write there: {exc.strerror or exc}")
     errors: list[dict[str, str]] = []
 
     # The bundled model is recorded by the name the web service gives it, so a result file
@@ -358,6 +364,25 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
         taken.add(stem)
         items.append(_Item(path=file, stem=out / stem))
     return items
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why results cannot be written to ``out``, or ``None``; checked before the model loads.
+
+    Without it a read-only ``out`` (or one below a file) failed every image and then the
+    write of ``errors.jsonl`` itself, with a traceback. Nothing is created here, so a usage
+    error leaves the disk as it was; ``os.access`` asks the kernel, which also answers for
+    read-only filesystems.
+    """
+    existing = Path(os.path.abspath(out))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, so no folder can be created below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == Path(os.path.abspath(out)) else f" (it would be created in {existing})"
+        return f"--out {out}: no permission to write there{where}; choose another folder"
+    return None
 
 
 def _is_done(item: _Item, formats: Sequence[str], model: str | None, task: str) -> bool:
