@@ -452,3 +452,25 @@ def test_class_balance_weighs_rare_classes_up(frames, mask2former_dir, tmp_path,
     assert weights_by_name["road"] < 1.0 < weights_by_name["pole"]
     assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cb2", "--max-steps", "1",
                  "--class-balance", *FAST) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-steps", "0", "must be at least 1"),  # used to "finish at step 0/0" with exit 0
+        ("--max-steps", "-3", "must be at least 1"),
+        ("--epochs", "0", "must be at least 1"),
+        ("--lr", "-1", "must be above 0"),  # used to be a traceback from the optimizer
+        ("--batch-size", "0", "must be at least 1"),  # used to be a traceback from TrainingArguments
+        ("--ema-decay", "1", "must be below 1"),
+        ("--time-budget", "0", "must be above 0"),
+        ("--log-every", "0", "must be at least 1"),
+    ],
+)
+def test_bad_numbers_are_usage_errors_naming_the_option(tmp_path, capsys, option, value, message) -> None:
+    with pytest.raises(SystemExit) as info:
+        train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "out", option, value)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {message}" in err
+    assert not (tmp_path / "out").exists()

@@ -24,9 +24,14 @@ def integer(*, minimum: int | None = None, maximum: int | None = None) -> Callab
 
 
 def number(
-    *, minimum: float | None = None, maximum: float | None = None, above: float | None = None
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
 ) -> Callable[[str], float]:
-    """A finite ``float`` type within ``[minimum, maximum]`` and, with ``above``, greater than it."""
+    """A finite ``float`` type within ``[minimum, maximum]`` and, with ``above`` / ``below``,
+    strictly beyond those bounds."""
 
     def parse(text: str) -> float:
         try:
@@ -37,6 +42,8 @@ def number(
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if above is not None and not value > above:
             raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {text}")
         _check_range(value, minimum, maximum)
         return value
 

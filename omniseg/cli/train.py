@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from omniseg.cli import argtypes
 from omniseg.errors import OmnisegError
 
 
@@ -28,28 +29,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (images/, labels/, id2label.json)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model, log.jsonl, checkpoints/)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="epochs to train (default 1 when --max-steps is not given)")
-    length.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    length.add_argument("--time-budget", type=float, metavar="SECONDS",
+    length.add_argument("--epochs", type=argtypes.integer(minimum=1),
+                        help="epochs to train (default 1 when --max-steps is not given)")
+    length.add_argument("--max-steps", type=argtypes.integer(minimum=1), help="optimizer steps to train")
+    length.add_argument("--time-budget", type=argtypes.number(above=0), metavar="SECONDS",
                         help="train for about this long: the step time is measured over the first 60 steps and "
                         "the schedule set to the steps that fit (evaluations and checkpoints not counted)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr multiplier (default 0.1)")
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--poly-power", type=float, default=1.0)
-    parser.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0 disables)")
+    parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=2,
+                        help="images per process and step (default 2)")
+    parser.add_argument("--grad-accum", type=argtypes.integer(minimum=1), default=1,
+                        help="micro-batches per optimizer step (default 1)")
+    parser.add_argument("--lr", type=argtypes.number(above=0), default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=argtypes.number(minimum=0), default=0.05)
+    parser.add_argument("--backbone-lr-mult", type=argtypes.number(minimum=0), default=0.1,
+                        help="backbone lr multiplier (default 0.1)")
+    parser.add_argument("--warmup-steps", type=argtypes.integer(minimum=0), default=0)
+    parser.add_argument("--poly-power", type=argtypes.number(minimum=0), default=1.0)
+    parser.add_argument("--clip-grad", type=argtypes.number(minimum=0), default=1.0,
+                        help="gradient norm clip (0 disables)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
-    parser.add_argument("--eval-every", type=int, default=None, help="evaluate (mean IoU) every N steps")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="default: --eval-every, else every epoch")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    parser.add_argument("--crop-size", type=int, nargs="+", default=[512], metavar="N",
+    parser.add_argument("--eval-every", type=argtypes.integer(minimum=0), default=None,
+                        help="evaluate (mean IoU) every N steps (0 or not given: never)")
+    parser.add_argument("--log-every", type=argtypes.integer(minimum=1), default=10)
+    parser.add_argument("--checkpoint-every", type=argtypes.integer(minimum=1), default=None,
+                        help="default: --eval-every, else every epoch")
+    parser.add_argument("--num-workers", type=argtypes.integer(minimum=0), default=0,
+                        help="data-loading worker processes")
+    parser.add_argument("--crop-size", type=argtypes.integer(minimum=1), nargs="+", default=[512], metavar="N",
                         help="training crop: one size (square) or HEIGHT WIDTH (default 512)")
-    parser.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
+    parser.add_argument("--scale-range", type=argtypes.number(above=0), nargs=2, default=[0.5, 2.0],
+                        metavar=("MIN", "MAX"))
     parser.add_argument("--no-color-jitter", action="store_true")
     parser.add_argument("--ignore-index", type=int, default=None,
                         help="the dataset's unlabelled value (default: as its README says, else 255)")
@@ -57,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--panoptic", action="store_true",
                         help="Mask2Former: train on panoptic targets (one per connected component of a thing "
                         "class, one per stuff class) and report PQ at evaluation")
-    parser.add_argument("--semantic-aux-weight", type=float, default=0.0, metavar="W",
+    parser.add_argument("--semantic-aux-weight", type=argtypes.number(minimum=0), default=0.0, metavar="W",
                         help="Mask2Former: add a training-only per-pixel cross-entropy on the mask features "
                         "with this weight (speeds up training from scratch; the saved model is unchanged; "
                         "default 0: off)")
@@ -73,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(their frames from --eval-split), so the score is on places the run never saw")
     parser.add_argument("--strong-augment", action="store_true",
                         help="add gamma, blur, sensor noise and JPEG changes to the colour jitter")
-    parser.add_argument("--ema-decay", type=float, default=None, metavar="D",
+    parser.add_argument("--ema-decay", type=argtypes.number(above=0, below=1), default=None, metavar="D",
                         help="keep an exponential moving average of the weights (e.g. 0.999) and evaluate and "
                         "save it instead of the raw weights")
     parser.add_argument("--class-balance", action="store_true",
@@ -82,7 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--stop-at-step", type=int, default=None,
+    parser.add_argument("--stop-at-step", type=argtypes.integer(minimum=1), default=None,
                         help="stop after this step as if interrupted (checkpointed; the schedule still "
                         "spans the full run), to be continued with --resume")
     return parser
