@@ -474,3 +474,10 @@ def test_bad_numbers_are_usage_errors_naming_the_option(tmp_path, capsys, option
     err = capsys.readouterr().err
     assert f"argument {option}: {message}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # Used to be a RuntimeError traceback from init_distributed.
+    assert train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "out", "--device", "cuda") == 1
+    assert "omniseg train: error: --device cuda: CUDA is not available on this machine" in capsys.readouterr().err
