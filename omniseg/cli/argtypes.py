@@ -1,12 +1,15 @@
 """Argument types shared by the commands: checked numbers and devices, with argparse's
-usage errors (``argparse.ArgumentTypeError``) that say what was wrong."""
+usage errors (``argparse.ArgumentTypeError``) that say what was wrong; and the check that an
+output folder can be written."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 
 def integer(*, minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
@@ -55,6 +58,25 @@ def device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def output_folder_problem(out: Path, option: str = "--out") -> str | None:
+    """Why results cannot be written to ``out``, or ``None``; checked before the model loads.
+
+    Without it a read-only ``out`` (or one below a file) failed with a traceback once the
+    first file was written (``segment``: every image, then ``errors.jsonl`` itself). Nothing
+    is created here, so a usage error leaves the disk as it was; ``os.access`` asks the
+    kernel, which also answers for read-only filesystems.
+    """
+    existing = Path(os.path.abspath(out))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{option} {out}: {existing} is a file, so no folder can be created below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == Path(os.path.abspath(out)) else f" (it would be created in {existing})"
+        return f"{option} {out}: no permission to write there{where}; choose another folder"
+    return None
 
 
 def _check_range(value: float, minimum: float | None, maximum: float | None) -> None:

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _usage_error(args, f"--out {out} exists and is not a folder")
-    problem = _out_problem(out)
+    problem = argtypes.output_folder_problem(out)
     if problem is not None:
         return _usage_error(args, problem)
     from omniseg.distributed import engine as ray_engine  # imports Ray only when used
@@ -364,25 +364,6 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
         taken.add(stem)
         items.append(_Item(path=file, stem=out / stem))
     return items
-
-
-def _out_problem(out: Path) -> str | None:
-    """Why results cannot be written to ``out``, or ``None``; checked before the model loads.
-
-    Without it a read-only ``out`` (or one below a file) failed every image and then the
-    write of ``errors.jsonl`` itself, with a traceback. Nothing is created here, so a usage
-    error leaves the disk as it was; ``os.access`` asks the kernel, which also answers for
-    read-only filesystems.
-    """
-    existing = Path(os.path.abspath(out))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"--out {out}: {existing} is a file, so no folder can be created below it"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == Path(os.path.abspath(out)) else f" (it would be created in {existing})"
-        return f"--out {out}: no permission to write there{where}; choose another folder"
-    return None
 
 
 def _is_done(item: _Item, formats: Sequence[str], model: str | None, task: str) -> bool:
