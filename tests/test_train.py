@@ -465,6 +465,7 @@ def test_class_balance_weighs_rare_classes_up(frames, mask2former_dir, tmp_path,
         ("--ema-decay", "1", "must be below 1"),
         ("--time-budget", "0", "must be above 0"),
         ("--log-every", "0", "must be at least 1"),
+        ("--ignore-index", "-1", "must be at least 0"),
     ],
 )
 def test_bad_numbers_are_usage_errors_naming_the_option(tmp_path, capsys, option, value, message) -> None:
@@ -481,3 +482,11 @@ def test_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys, monkeypatch) ->
     # Used to be a RuntimeError traceback from init_distributed.
     assert train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "out", "--device", "cuda") == 1
     assert "omniseg train: error: --device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_named_before_anything_loads(tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    # Used to be a NotADirectoryError traceback once the data and the model had loaded.
+    assert train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "file" / "sub") == 1
+    err = capsys.readouterr().err
+    assert "omniseg train: error: --out" in err and "is a file" in err

@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--scale-range", type=argtypes.number(above=0), nargs=2, default=[0.5, 2.0],
                         metavar=("MIN", "MAX"))
     parser.add_argument("--no-color-jitter", action="store_true")
-    parser.add_argument("--ignore-index", type=int, default=None,
+    parser.add_argument("--ignore-index", type=argtypes.integer(minimum=0), default=None,
                         help="the dataset's unlabelled value (default: as its README says, else 255)")
     parser.add_argument("--reduce-labels", action="store_true", help="dataset label 0 is background (ignored)")
     parser.add_argument("--panoptic", action="store_true",
@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     class_weights = None
     try:
         dist_info = init_distributed(args.device)
+        problem = argtypes.output_folder_problem(args.out)
+        if problem is not None:  # before the data and model load, not at the first checkpoint
+            raise OmnisegError(problem)
         coco = coco_reader(args.data, args.train_split)
         if coco is not None:
             id2label = coco.categories.id2label
