@@ -70,7 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--task", choices=TASKS, default="semantic", help="what to evaluate (default: semantic)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ./evaluation-SPLIT)")
     parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=4, metavar="N",
-                        help="images per forward pass (default: 4)")
+                        help="images read and segmented together (default: 4); on CUDA those of equal "
+                        "processed size share a forward pass, the CPU runs each image alone")
     parser.add_argument("--device", type=argtypes.device, default="cpu", metavar="{cpu,cuda}", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--ignore-index", type=argtypes.integer(minimum=0), metavar="I",
                         help="label value of unlabelled pixels (default: the README's, else 255)")

@@ -109,7 +109,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="minimum score of a kept segment, instance/panoptic "
                              "(default: the pipeline's, 0.9)")
     parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=1, metavar="N",
-                        help="images per forward pass (default: 1)")
+                        help="images read and segmented together (default: 1); on CUDA those of equal "
+                             "processed size share a forward pass, the CPU runs each image alone")
     parser.add_argument("--device", type=argtypes.device, default="cpu", metavar="{cpu,cuda}",
                         help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--format", type=_formats, default=("png", "json"), metavar="png,json,coco",
