@@ -490,3 +490,12 @@ def test_unwritable_out_is_named_before_anything_loads(tmp_path, capsys) -> None
     assert train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "file" / "sub") == 1
     err = capsys.readouterr().err
     assert "omniseg train: error: --out" in err and "is a file" in err
+
+
+def test_resuming_a_finished_run_says_so_instead_of_loss_nan(frames, segformer_config, tmp_path, capsys) -> None:
+    common = ["--model", segformer_config, "--data", frames, "--out", tmp_path / "run", "--max-steps", "1", *FAST]
+    assert train(*common) == 0
+    capsys.readouterr()
+    assert train(*common, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "finished at step 1/1, no step left to train" in out and "nan" not in out

@@ -11,6 +11,7 @@ or a COCO folder (``annotations/panoptic_<split>.json`` with its PNG folder, or
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -224,7 +225,13 @@ def run(args: argparse.Namespace) -> int:
     if dist_info.is_main:
         best = summary["best_metric"]
         done = "finished" if summary["step"] >= trainer.total_steps else "stopped"
-        line = f"{done} at step {summary['step']}/{trainer.total_steps}, last loss {summary['last_loss']:.4f}"
+        line = f"{done} at step {summary['step']}/{trainer.total_steps}"
+        if math.isnan(summary["last_loss"]):
+            # No step ran in this call (a finite loss always, or training stops with an error):
+            # --resume of a finished run. Its loss is in log.jsonl, not "nan".
+            line += ", no step left to train"
+        else:
+            line += f", last loss {summary['last_loss']:.4f}"
         if best is not None:
             line += f", best mean IoU {best:.4f} at step {summary['best_step']}"
         print(f"{line}; output in {args.out}")
