@@ -262,3 +262,23 @@ def test_read_only_out_is_a_usage_error(model_dir, tmp_path, capsys):
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+def test_rerun_with_another_threshold_redoes_the_images(model_dir, tmp_path, capsys):
+    _picture(11).save(tmp_path / "a.png")
+    common = [tmp_path / "a.png", "--out", tmp_path / "out", "--model", model_dir, "--task", "instance"]
+    assert _segment(*common, "--threshold", "0.9") == 0
+    strict = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert strict["options"] == {"threshold": 0.9}
+    capsys.readouterr()
+    # Used to be skipped as "already done", keeping the 0.9 answers under a 0 threshold.
+    assert _segment(*common, "--threshold", "0") == 0
+    assert "1 segmented, 0 already done" in capsys.readouterr().err
+    loose = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert loose["options"] == {"threshold": 0.0} and len(loose["segments"]) > len(strict["segments"])
+    assert _segment(*common, "--threshold", "0") == 0
+    assert "0 segmented, 1 already done" in capsys.readouterr().err
+    # The pipeline's default is recorded as no option: a re-run without --threshold redoes it too.
+    assert _segment(*common) == 0
+    assert "1 segmented" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["options"] == {}
