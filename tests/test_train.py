@@ -499,3 +499,15 @@ def test_resuming_a_finished_run_says_so_instead_of_loss_nan(frames, segformer_c
     assert train(*common, "--resume") == 0
     out = capsys.readouterr().out
     assert "finished at step 1/1, no step left to train" in out and "nan" not in out
+
+
+def test_a_new_run_over_an_earlier_one_says_resume_exists(frames, segformer_config, tmp_path, capsys) -> None:
+    common = ["--model", segformer_config, "--data", frames, "--out", tmp_path / "run", "--max-steps", "1", *FAST]
+    assert train(*common) == 0
+    assert "earlier run" not in capsys.readouterr().err
+    # Used to start over in silence (the usual slip after a crash: --resume forgotten).
+    assert train(*common) == 0
+    err = capsys.readouterr().err
+    assert "holds an earlier run (latest: step-00000001.pt)" in err and "--resume" in err
+    assert train(*common, "--resume") == 0
+    assert "earlier run" not in capsys.readouterr().err

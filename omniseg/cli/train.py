@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from omniseg.data.groups import compile_group_pattern, group_counts, parse_groups, select_groups
     from omniseg.data.semantic import read_dataset_info
     from omniseg.models.auto import MASK_CLASSIFICATION_TYPES
+    from omniseg.train.checkpointing import latest_checkpoint
     from omniseg.train.distributed import cleanup, init_distributed
     from omniseg.train.setup import load_for_training
     from omniseg.train.semantic_aux import median_frequency_weights
@@ -215,6 +216,15 @@ def run(args: argparse.Namespace) -> int:
         if reinitialised and dist_info.is_main:
             print(f"new classes from {args.data / 'id2label.json'}: re-initialised {', '.join(reinitialised)}",
                   file=sys.stderr)
+        try:
+            earlier = None if args.resume else latest_checkpoint(args.out)
+        except OmnisegError:  # a broken pointer matters to --resume only
+            earlier = None
+        if earlier is not None and dist_info.is_main:
+            # A run restarted after a crash without --resume would otherwise start over in
+            # silence, replacing the earlier run's log and model.
+            print(f"omniseg train: {earlier.parent} holds an earlier run (latest: {earlier.name}); starting a "
+                  "new run over it. Stop and pass --resume to continue that run instead.", file=sys.stderr)
         trainer = Trainer(model, processor, model_type, train_set, eval_set, training_args, dist_info)
         summary = trainer.train()
     except OmnisegError as exc:
