@@ -511,3 +511,11 @@ def test_a_new_run_over_an_earlier_one_says_resume_exists(frames, segformer_conf
     assert "holds an earlier run (latest: step-00000001.pt)" in err and "--resume" in err
     assert train(*common, "--resume") == 0
     assert "earlier run" not in capsys.readouterr().err
+
+
+def test_errors_name_the_option_they_come_from(frames, tmp_path, capsys) -> None:
+    # Used to be "omniseg train: error: /.../nope: no such directory", which option unsaid.
+    assert train("--model", tmp_path / "nope", "--data", frames, "--out", tmp_path / "out", "--max-steps", "1") == 1
+    assert f"omniseg train: error: --model: {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    assert train("--model", tmp_path / "nope", "--data", tmp_path / "nodata", "--out", tmp_path / "out") == 1
+    assert f"omniseg train: error: --data: {tmp_path / 'nodata'}: dataset folder not found" in capsys.readouterr().err

@@ -118,14 +118,24 @@ def run(args: argparse.Namespace) -> int:
         problem = argtypes.output_folder_problem(args.out)
         if problem is not None:  # before the data and model load, not at the first checkpoint
             raise OmnisegError(problem)
-        coco = coco_reader(args.data, args.train_split)
-        if coco is not None:
-            id2label = coco.categories.id2label
-        else:
-            things = args.thing_classes.split(",") if args.thing_classes else None
-            info = read_dataset_info(args.data, ignore_index=args.ignore_index, thing_classes=things)
-            id2label = info.id2label
-        model, processor, model_type, reinitialised = load_for_training(args.model, id2label=id2label, seed=args.seed)
+        # Errors name the option they come from, as evaluate's do ("/x: no such directory"
+        # alone left the user to guess whether --model or --data was meant).
+        try:
+            coco = coco_reader(args.data, args.train_split)
+            if coco is not None:
+                id2label = coco.categories.id2label
+            else:
+                things = args.thing_classes.split(",") if args.thing_classes else None
+                info = read_dataset_info(args.data, ignore_index=args.ignore_index, thing_classes=things)
+                id2label = info.id2label
+        except OmnisegError as exc:
+            raise OmnisegError(f"--data: {exc}") from exc
+        try:
+            model, processor, model_type, reinitialised = load_for_training(
+                args.model, id2label=id2label, seed=args.seed
+            )
+        except OmnisegError as exc:
+            raise OmnisegError(f"--model: {exc}") from exc
         crop = tuple(args.crop_size) if len(args.crop_size) == 2 else (args.crop_size[0], args.crop_size[0])
         if len(args.crop_size) > 2:
             raise OmnisegError("--crop-size takes one or two numbers")
