@@ -176,7 +176,9 @@ def test_unwritable_out_and_bad_options_are_usage_errors(tiny_camvid: Path, tiny
     (tmp_path / "file").write_text("x")
     # Used to be a NotADirectoryError traceback after the whole model had loaded.
     assert main([*common, "--out", str(tmp_path / "file" / "sub")]) == 2
-    assert "--out" in capsys.readouterr().err
+    assert "is a file, so no folder can be created below it" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
     # Used to be accepted: --ignore-index -1 silently scored the unlabelled value as a class,
     # --device gpu failed as "--task semantic: device 'gpu': ...".
     for option, value in (("--device", "gpu"), ("--ignore-index", "-1"), ("--threshold", "5"), ("--examples", "-1")):

@@ -68,13 +68,15 @@ def output_folder_problem(out: Path, option: str = "--out") -> str | None:
     is created here, so a usage error leaves the disk as it was; ``os.access`` asks the
     kernel, which also answers for read-only filesystems.
     """
-    existing = Path(os.path.abspath(out))
+    target = existing = Path(os.path.abspath(out))
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
+        if existing == target:
+            return f"{option} {out} exists and is not a folder"
         return f"{option} {out}: {existing} is a file, so no folder can be created below it"
     if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == Path(os.path.abspath(out)) else f" (it would be created in {existing})"
+        where = "" if existing == target else f" (it would be created in {existing})"
         return f"{option} {out}: no permission to write there{where}; choose another folder"
     return None
 
