@@ -168,3 +168,22 @@ def test_quantized_model_is_evaluated(tiny_camvid: Path, tiny_model: Path, tmp_p
     int8, float32 = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("int8", "float32"))
     assert int8["quantize"] == "int8" and float32["quantize"] is None
     assert int8["images"] == float32["images"] == 3
+
+
+def test_unwritable_out_and_bad_options_are_usage_errors(tiny_camvid: Path, tiny_model: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    common = ["evaluate", "--model", str(tiny_model), "--data", str(tiny_camvid)]
+    (tmp_path / "file").write_text("x")
+    # Used to be a NotADirectoryError traceback after the whole model had loaded.
+    assert main([*common, "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "is a file, so no folder can be created below it" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    # Used to be accepted: --ignore-index -1 silently scored the unlabelled value as a class,
+    # --device gpu failed as "--task semantic: device 'gpu': ...".
+    for option, value in (("--device", "gpu"), ("--ignore-index", "-1"), ("--threshold", "5"), ("--examples", "-1")):
+        with pytest.raises(SystemExit) as info:
+            main([*common, option, value, "--out", str(tmp_path / "out")])
+        assert info.value.code == 2
+        assert f"argument {option}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -237,3 +237,48 @@ def test_usage_errors(model_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert _segment(tmp_path / "a.png", "--out", tmp_path / "file", "--model", model_dir) == 2
     assert not (tmp_path / "o").exists()  # nothing written on a usage error
+
+
+def test_unwritable_out_is_a_usage_error_not_a_traceback(model_dir, tmp_path, capsys):
+    _picture(9).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("x")
+    # Below a file no folder can be created: a usage error naming OUT, before the model loads.
+    assert _segment(tmp_path / "a.png", "--out", tmp_path / "file" / "sub", "--model", model_dir) == 2
+    assert "file/sub" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_read_only_out_is_a_usage_error(model_dir, tmp_path, capsys):
+    _picture(10).save(tmp_path / "a.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE)")
+        for out in (locked, locked / "new"):
+            assert _segment(tmp_path / "a.png", "--out", out, "--model", model_dir) == 2
+            assert "no permission to write" in capsys.readouterr().err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_rerun_with_another_threshold_redoes_the_images(model_dir, tmp_path, capsys):
+    _picture(11).save(tmp_path / "a.png")
+    common = [tmp_path / "a.png", "--out", tmp_path / "out", "--model", model_dir, "--task", "instance"]
+    assert _segment(*common, "--threshold", "0.9") == 0
+    strict = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert strict["options"] == {"threshold": 0.9}
+    capsys.readouterr()
+    # Used to be skipped as "already done", keeping the 0.9 answers under a 0 threshold.
+    assert _segment(*common, "--threshold", "0") == 0
+    assert "1 segmented, 0 already done" in capsys.readouterr().err
+    loose = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert loose["options"] == {"threshold": 0.0} and len(loose["segments"]) > len(strict["segments"])
+    assert _segment(*common, "--threshold", "0") == 0
+    assert "0 segmented, 1 already done" in capsys.readouterr().err
+    # The pipeline's default is recorded as no option: a re-run without --threshold redoes it too.
+    assert _segment(*common) == 0
+    assert "1 segmented" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["options"] == {}

@@ -43,8 +43,17 @@ def test_comma_separated_splits_concatenate(camvid_dir: Path) -> None:
     train, val = folder_samples(camvid_dir, "train"), folder_samples(camvid_dir, "val")
     assert folder_samples(camvid_dir, "train, val") == train + val
     assert group_counts(train + val, DRIVE) == {"0001TP": 62, "0006R0": 101, "0016E5": 305}
-    with pytest.raises(InputError, match="no images/test folder"):
+    with pytest.raises(InputError, match="no images/test folder in the dataset; its splits: train, val"):
         folder_samples(camvid_dir, "train,test")
+
+
+def test_a_missing_split_names_the_splits_there(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="images does not exist either"):
+        folder_samples(tmp_path, "val")
+    (tmp_path / "images" / "training").mkdir(parents=True)
+    (tmp_path / "images" / "validation").mkdir()
+    with pytest.raises(InputError, match="no images/val folder in the dataset; its splits: training, validation"):
+        folder_samples(tmp_path, "val")
 
 
 def test_median_frequency_weights() -> None:

@@ -512,3 +512,25 @@ def test_semantic_many_classes_few_winners_match_reference() -> None:
         expected = _reference().post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
         assert torch.equal(ours[0], expected[0])
         assert len(ours[0].unique()) >= 4
+
+
+def test_read_only_arrays_raise_no_torch_warning(tmp_path) -> None:
+    """``processor(np.asarray(pil_image))``, the usual way to hand over an array, used to print
+    torch's "The given NumPy array is not writable ... undefined behavior" warning. torch warns
+    once per process, so the check runs in a fresh one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "from omniseg.processing.mask2former import Mask2FormerImageProcessor\n"
+        "image = np.asarray(Image.new('RGB', (40, 30), (10, 200, 30)))\n"
+        "label = np.asarray(Image.new('L', (40, 30), 1))\n"
+        "assert not image.flags.writeable and not label.flags.writeable\n"
+        "processor = Mask2FormerImageProcessor(size={'height': 32, 'width': 32})\n"
+        "processor([image, image], segmentation_maps=[label, label], return_tensors='pt')\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "not writable" not in result.stderr

@@ -102,3 +102,16 @@ def test_bad_image_in_a_list_names_the_file(pipelines, tmp_path, street_photo):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such directory"):
         omniseg.pipeline("image-segmentation", model=str(tmp_path / "no-model-here"))
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # Used to fail inside Module.to with torch's "AssertionError: Torch not compiled with CUDA enabled".
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+        omniseg.pipeline("image-segmentation", device="cuda")
+    with pytest.raises(ValueError, match="device 'cuda:1': CUDA is not available"):
+        omniseg.load_model("any/model", device="cuda:1")
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        omniseg.load_model("any/model", device="gpu")

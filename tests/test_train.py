@@ -478,3 +478,70 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_evaluates_in_float32(frames, mask
     seen.clear()
     assert train(*common, "--out", tmp_path / "float32") == 0
     assert seen and not any(autocast for _, autocast, _ in seen)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-steps", "0", "must be at least 1"),  # used to "finish at step 0/0" with exit 0
+        ("--max-steps", "-3", "must be at least 1"),
+        ("--epochs", "0", "must be at least 1"),
+        ("--lr", "-1", "must be above 0"),  # used to be a traceback from the optimizer
+        ("--batch-size", "0", "must be at least 1"),  # used to be a traceback from TrainingArguments
+        ("--ema-decay", "1", "must be below 1"),
+        ("--time-budget", "0", "must be above 0"),
+        ("--log-every", "0", "must be at least 1"),
+        ("--ignore-index", "-1", "must be at least 0"),
+    ],
+)
+def test_bad_numbers_are_usage_errors_naming_the_option(tmp_path, capsys, option, value, message) -> None:
+    with pytest.raises(SystemExit) as info:
+        train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "out", option, value)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {message}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # Used to be a RuntimeError traceback from init_distributed.
+    assert train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "out", "--device", "cuda") == 1
+    assert "omniseg train: error: --device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_named_before_anything_loads(tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    # Used to be a NotADirectoryError traceback once the data and the model had loaded.
+    assert train("--model", tmp_path / "m", "--data", tmp_path / "d", "--out", tmp_path / "file" / "sub") == 1
+    err = capsys.readouterr().err
+    assert "omniseg train: error: --out" in err and "is a file" in err
+
+
+def test_resuming_a_finished_run_says_so_instead_of_loss_nan(frames, segformer_config, tmp_path, capsys) -> None:
+    common = ["--model", segformer_config, "--data", frames, "--out", tmp_path / "run", "--max-steps", "1", *FAST]
+    assert train(*common) == 0
+    capsys.readouterr()
+    assert train(*common, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "finished at step 1/1, no step left to train" in out and "nan" not in out
+
+
+def test_a_new_run_over_an_earlier_one_says_resume_exists(frames, segformer_config, tmp_path, capsys) -> None:
+    common = ["--model", segformer_config, "--data", frames, "--out", tmp_path / "run", "--max-steps", "1", *FAST]
+    assert train(*common) == 0
+    assert "earlier run" not in capsys.readouterr().err
+    # Used to start over in silence (the usual slip after a crash: --resume forgotten).
+    assert train(*common) == 0
+    err = capsys.readouterr().err
+    assert "holds an earlier run (latest: step-00000001.pt)" in err and "--resume" in err
+    assert train(*common, "--resume") == 0
+    assert "earlier run" not in capsys.readouterr().err
+
+
+def test_errors_name_the_option_they_come_from(frames, tmp_path, capsys) -> None:
+    # Used to be "omniseg train: error: /.../nope: no such directory", which option unsaid.
+    assert train("--model", tmp_path / "nope", "--data", frames, "--out", tmp_path / "out", "--max-steps", "1") == 1
+    assert f"omniseg train: error: --model: {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    assert train("--model", tmp_path / "nope", "--data", tmp_path / "nodata", "--out", tmp_path / "out") == 1
+    assert f"omniseg train: error: --data: {tmp_path / 'nodata'}: dataset folder not found" in capsys.readouterr().err

@@ -1,12 +1,15 @@
 """Argument types shared by the commands: checked numbers and devices, with argparse's
-usage errors (``argparse.ArgumentTypeError``) that say what was wrong."""
+usage errors (``argparse.ArgumentTypeError``) that say what was wrong; and the check that an
+output folder can be written."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 
 def integer(*, minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
@@ -24,9 +27,14 @@ def integer(*, minimum: int | None = None, maximum: int | None = None) -> Callab
 
 
 def number(
-    *, minimum: float | None = None, maximum: float | None = None, above: float | None = None
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
 ) -> Callable[[str], float]:
-    """A finite ``float`` type within ``[minimum, maximum]`` and, with ``above``, greater than it."""
+    """A finite ``float`` type within ``[minimum, maximum]`` and, with ``above`` / ``below``,
+    strictly beyond those bounds."""
 
     def parse(text: str) -> float:
         try:
@@ -37,6 +45,8 @@ def number(
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if above is not None and not value > above:
             raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {text}")
         _check_range(value, minimum, maximum)
         return value
 
@@ -48,6 +58,27 @@ def device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def output_folder_problem(out: Path, option: str = "--out") -> str | None:
+    """Why results cannot be written to ``out``, or ``None``; checked before the model loads.
+
+    Without it a read-only ``out`` (or one below a file) failed with a traceback once the
+    first file was written (``segment``: every image, then ``errors.jsonl`` itself). Nothing
+    is created here, so a usage error leaves the disk as it was; ``os.access`` asks the
+    kernel, which also answers for read-only filesystems.
+    """
+    target = existing = Path(os.path.abspath(out))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == target:
+            return f"{option} {out} exists and is not a folder"
+        return f"{option} {out}: {existing} is a file, so no folder can be created below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == target else f" (it would be created in {existing})"
+        return f"{option} {out}: no permission to write there{where}; choose another folder"
+    return None
 
 
 def _check_range(value: float, minimum: float | None, maximum: float | None) -> None:

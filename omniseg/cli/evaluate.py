@@ -70,9 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--task", choices=TASKS, default="semantic", help="what to evaluate (default: semantic)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ./evaluation-SPLIT)")
     parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=4, metavar="N",
-                        help="images per forward pass (default: 4)")
-    parser.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--ignore-index", type=int, metavar="I",
+                        help="images read and segmented together (default: 4); on CUDA those of equal "
+                        "processed size share a forward pass, the CPU runs each image alone")
+    parser.add_argument("--device", type=argtypes.device, default="cpu", metavar="{cpu,cuda}", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--ignore-index", type=argtypes.integer(minimum=0), metavar="I",
                         help="label value of unlabelled pixels (default: the README's, else 255)")
     parser.add_argument("--reduce-labels", action="store_true",
                         help="label 0 is background to ignore and class k is stored as k+1 (ADE20k style)")
@@ -81,13 +82,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tta", action="store_true",
                         help="test-time flip (--task semantic): average the class scores of each image and "
                              "its mirror image")
-    parser.add_argument("--threshold", type=float, metavar="F",
+    parser.add_argument("--threshold", type=argtypes.number(minimum=0, maximum=1), metavar="F",
                         help="minimum segment score (default: 0.05 instance, 0.8 panoptic)")
     parser.add_argument("--quantize", choices=("int8",),
                         help="evaluate the opt-in fast CPU mode (int8 linear layers), to measure what it costs")
     parser.add_argument("--max-images", type=argtypes.integer(minimum=1), metavar="N",
                         help="evaluate the first N images only")
-    parser.add_argument("--examples", type=int, default=4, metavar="K",
+    parser.add_argument("--examples", type=argtypes.integer(minimum=0), default=4, metavar="K",
                         help="ground truth / prediction pictures to draw (default: 4)")
     return parser
 
@@ -97,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     from omniseg.data.dataset import folder_samples
     from omniseg.data.semantic import read_dataset_info
 
+    out = Path(args.out) if args.out else Path(f"evaluation-{args.split}")
+    problem = argtypes.output_folder_problem(out)
+    if problem is not None:
+        return _usage_error(problem)
     things = None if args.thing_classes is None else [t for t in args.thing_classes.split(",") if t.strip()]
     try:
         info = read_dataset_info(args.data, ignore_index=args.ignore_index, thing_classes=things)
@@ -144,9 +149,11 @@ def run(args: argparse.Namespace) -> int:
     lut, match_note = class_mapping(seg.id2label, info.id2label)
     print(f"omniseg evaluate: {len(samples)} images of {args.data} ({args.split}), task {args.task}, "
           f"{info.num_labels} classes, ignore index {info.ignore_index}; {match_note}", file=sys.stderr)
-    out = Path(args.out) if args.out else Path(f"evaluation-{args.split}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ERRORS_FILE).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERRORS_FILE).unlink(missing_ok=True)
+    except OSError as exc:  # output_folder_problem passed, yet the filesystem refused
+        return _usage_error(f"--out {out}: cannot write there: {exc.strerror or exc}")
 
     evaluator = _EVALUATORS[args.task](info, lut, args.reduce_labels)
     threshold = args.threshold if args.threshold is not None else {"instance": 0.05, "panoptic": 0.8}.get(args.task)

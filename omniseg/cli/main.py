@@ -16,7 +16,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from omniseg import __version__
+
     parser = argparse.ArgumentParser(prog="omniseg", description="Universal image segmentation.")
+    parser.add_argument("--version", action="version", version=f"omniseg {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(subparsers)
@@ -25,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command]).run(args))
+    try:
+        return int(importlib.import_module(COMMANDS[args.command]).run(args))
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a long run: say so in one line, not a traceback. Every
+        # file is written atomically, so what is on disk is whole (segment re-runs skip the
+        # finished images; train continues with --resume). 130 = 128 + SIGINT, as shells use.
+        print(f"\nomniseg {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from omniseg.io.atomic import atomic_write_text
 from omniseg.io.images import iter_image_files, load_image
 from omniseg.io.results import (
     IMAGE_OUTPUTS,
+    answer_options,
     coco_document,
     output_paths,
     read_image_results,
@@ -36,8 +37,9 @@ DESCRIPTION = "Segment images (files or whole folders) and write the results per
 EPILOG = f"""\
 outputs, per input image: a file given by path writes straight into OUT (OUT/STEM.json);
 a folder's images keep their layout inside that folder (DIR/sub/a.png -> OUT/sub/a.json):
-  STEM.json          image path, size, task, model, and per segment: id, label_id, label,
-                     score (null for semantic), area, bbox [x, y, w, h], COCO RLE mask
+  STEM.json          image path, size, task, model, options (--threshold / --tta if
+                     given), and per segment: id, label_id, label, score (null for
+                     semantic), area, bbox [x, y, w, h], COCO RLE mask
   STEM_labels.png    class id per pixel; 8-bit if all class ids < 255, else 16-bit;
                      pixels no segment covers are 255 (8-bit) or 65535 (16-bit)
   STEM_overlay.png   the image with the segments blended in, outlined, and a legend
@@ -53,8 +55,8 @@ a folder's images keep their layout inside that folder (DIR/sub/a.png -> OUT/sub
          is rebuilt on re-runs
 
 Re-running with the same OUT skips images whose outputs all exist and whose JSON names
-the same model and task (the JSON is written last, atomically, so a finished image is
-never half written); other images are (re)done. A file that cannot be read
+the same model, task and options (the JSON is written last, atomically, so a finished
+image is never half written); other images are (re)done. A file that cannot be read
 or segmented does not stop the batch: it is listed in OUT/{ERRORS_FILE} (one JSON line
 per file: {{"file", "error", "reason"}}; rewritten by each run).
 
@@ -109,7 +111,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="minimum score of a kept segment, instance/panoptic "
                              "(default: the pipeline's, 0.9)")
     parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=1, metavar="N",
-                        help="images per forward pass (default: 1)")
+                        help="images read and segmented together (default: 1); on CUDA those of equal "
+                             "processed size share a forward pass, the CPU runs each image alone")
     parser.add_argument("--device", type=argtypes.device, default="cpu", metavar="{cpu,cuda}",
                         help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--format", type=_formats, default=("png", "json"), metavar="png,json,coco",
@@ -128,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _usage_error(args, f"--out {out} exists and is not a folder")
+    problem = argtypes.output_folder_problem(out)
+    if problem is not None:
+        return _usage_error(args, problem)
     from omniseg.distributed import engine as ray_engine  # imports Ray only when used
 
     problem = ray_engine.usage_problem(args)
@@ -158,21 +164,25 @@ def run(args: argparse.Namespace) -> int:
     items = _collect(args.inputs, out)
     if not items:
         print("omniseg segment: no image files found in the inputs", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
     errors_path = out / ERRORS_FILE
-    errors_path.unlink(missing_ok=True)  # it describes the latest run only
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        errors_path.unlink(missing_ok=True)  # it describes the latest run only
+    except OSError as exc:  # output_folder_problem passed, yet the filesystem refused
+        return _usage_error(args, f"--out {out}: cannot write there: {exc.strerror or exc}")
     errors: list[dict[str, str]] = []
 
     # The bundled model is recorded by the name the web service gives it, so a result file
     # always says which model made it.
     model_name = DEFAULT_MODEL_NAME if args.model is None else str(args.model)
-    pending = [item for item in items if not _is_done(item, formats, model_name, task)]
-    skipped = len(items) - len(pending)
     call_options: dict[str, Any] = {"subtask": subtask, "batch_size": args.batch_size}
     if args.threshold is not None:
         call_options["threshold"] = args.threshold
     if args.tta:
         call_options["tta"] = True
+    options = answer_options(call_options)
+    pending = [item for item in items if not _is_done(item, formats, model_name, task, options)]
+    skipped = len(items) - len(pending)
 
     progress = tqdm(
         total=len(items),
@@ -230,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
                         try:
                             write_image_results(
                                 item.stem, image, segments, id2label, source=item.path,
-                                task=task, model=model_name, formats=formats,
+                                task=task, model=model_name, formats=formats, options=options,
                             )
                         except (OSError, ValueError) as exc:
                             fail(item, exc)
@@ -360,11 +370,13 @@ def _collect(inputs: Sequence[str], out: Path) -> list[_Item]:
     return items
 
 
-def _is_done(item: _Item, formats: Sequence[str], model: str | None, task: str) -> bool:
-    """All outputs exist, and the JSON (when there is one) came from this model and task.
+def _is_done(item: _Item, formats: Sequence[str], model: str | None, task: str, options: dict[str, Any]) -> bool:
+    """All outputs exist, and the JSON (when there is one) came from this model, task and
+    answer options (``--threshold``, ``--tta``).
 
-    The model check keeps a re-run with another model or task in the same OUT from
-    silently keeping the old answers; an unreadable JSON means the image is redone.
+    The check keeps a re-run with another model, task or threshold in the same OUT from
+    silently keeping the old answers; an unreadable JSON, or one from before options were
+    recorded, means the image is redone.
     """
     paths = output_paths(item.stem, formats)
     if not all(path.is_file() for path in paths.values()):
@@ -375,7 +387,7 @@ def _is_done(item: _Item, formats: Sequence[str], model: str | None, task: str) 
         document = read_image_results(paths["json"])
     except (OSError, ValueError):
         return False
-    return document.get("model") == model and document.get("task") == task
+    return document.get("model") == model and document.get("task") == task and document.get("options") == options
 
 
 def _write_coco(out: Path, items: list[_Item], formats: Sequence[str], id2label) -> None:

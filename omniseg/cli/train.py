@@ -11,9 +11,11 @@ or a COCO folder (``annotations/panoptic_<split>.json`` with its PNG folder, or
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from omniseg.cli import argtypes
 from omniseg.errors import OmnisegError
 
 
@@ -28,36 +30,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (images/, labels/, id2label.json)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model, log.jsonl, checkpoints/)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="epochs to train (default 1 when --max-steps is not given)")
-    length.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    length.add_argument("--time-budget", type=float, metavar="SECONDS",
+    length.add_argument("--epochs", type=argtypes.integer(minimum=1),
+                        help="epochs to train (default 1 when --max-steps is not given)")
+    length.add_argument("--max-steps", type=argtypes.integer(minimum=1), help="optimizer steps to train")
+    length.add_argument("--time-budget", type=argtypes.number(above=0), metavar="SECONDS",
                         help="train for about this long: the step time is measured over the first 60 steps and "
                         "the schedule set to the steps that fit (evaluations and checkpoints not counted)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr multiplier (default 0.1)")
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--poly-power", type=float, default=1.0)
-    parser.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0 disables)")
+    parser.add_argument("--batch-size", type=argtypes.integer(minimum=1), default=2,
+                        help="images per process and step (default 2)")
+    parser.add_argument("--grad-accum", type=argtypes.integer(minimum=1), default=1,
+                        help="micro-batches per optimizer step (default 1)")
+    parser.add_argument("--lr", type=argtypes.number(above=0), default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=argtypes.number(minimum=0), default=0.05)
+    parser.add_argument("--backbone-lr-mult", type=argtypes.number(minimum=0), default=0.1,
+                        help="backbone lr multiplier (default 0.1)")
+    parser.add_argument("--warmup-steps", type=argtypes.integer(minimum=0), default=0)
+    parser.add_argument("--poly-power", type=argtypes.number(minimum=0), default=1.0)
+    parser.add_argument("--clip-grad", type=argtypes.number(minimum=0), default=1.0,
+                        help="gradient norm clip (0 disables)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/")
-    parser.add_argument("--eval-every", type=int, default=None, help="evaluate (mean IoU) every N steps")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="default: --eval-every, else every epoch")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    parser.add_argument("--crop-size", type=int, nargs="+", default=[512], metavar="N",
+    parser.add_argument("--eval-every", type=argtypes.integer(minimum=0), default=None,
+                        help="evaluate (mean IoU) every N steps (0 or not given: never)")
+    parser.add_argument("--log-every", type=argtypes.integer(minimum=1), default=10)
+    parser.add_argument("--checkpoint-every", type=argtypes.integer(minimum=1), default=None,
+                        help="default: --eval-every, else every epoch")
+    parser.add_argument("--num-workers", type=argtypes.integer(minimum=0), default=0,
+                        help="data-loading worker processes")
+    parser.add_argument("--crop-size", type=argtypes.integer(minimum=1), nargs="+", default=[512], metavar="N",
                         help="training crop: one size (square) or HEIGHT WIDTH (default 512)")
-    parser.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
+    parser.add_argument("--scale-range", type=argtypes.number(above=0), nargs=2, default=[0.5, 2.0],
+                        metavar=("MIN", "MAX"))
     parser.add_argument("--no-color-jitter", action="store_true")
-    parser.add_argument("--ignore-index", type=int, default=None,
+    parser.add_argument("--ignore-index", type=argtypes.integer(minimum=0), default=None,
                         help="the dataset's unlabelled value (default: as its README says, else 255)")
     parser.add_argument("--reduce-labels", action="store_true", help="dataset label 0 is background (ignored)")
     parser.add_argument("--panoptic", action="store_true",
                         help="Mask2Former: train on panoptic targets (one per connected component of a thing "
                         "class, one per stuff class) and report PQ at evaluation")
-    parser.add_argument("--semantic-aux-weight", type=float, default=0.0, metavar="W",
+    parser.add_argument("--semantic-aux-weight", type=argtypes.number(minimum=0), default=0.0, metavar="W",
                         help="Mask2Former: add a training-only per-pixel cross-entropy on the mask features "
                         "with this weight (speeds up training from scratch; the saved model is unchanged; "
                         "default 0: off)")
@@ -73,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(their frames from --eval-split), so the score is on places the run never saw")
     parser.add_argument("--strong-augment", action="store_true",
                         help="add gamma, blur, sensor noise and JPEG changes to the colour jitter")
-    parser.add_argument("--ema-decay", type=float, default=None, metavar="D",
+    parser.add_argument("--ema-decay", type=argtypes.number(above=0, below=1), default=None, metavar="D",
                         help="keep an exponential moving average of the weights (e.g. 0.999) and evaluate and "
                         "save it instead of the raw weights")
     parser.add_argument("--class-balance", action="store_true",
@@ -88,7 +99,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     precision.add_argument("--no-amp", action="store_true",
                            help="no mixed precision (by default CUDA trains in bfloat16/float16 autocast, the CPU in float32)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--stop-at-step", type=int, default=None,
+    parser.add_argument("--stop-at-step", type=argtypes.integer(minimum=1), default=None,
                         help="stop after this step as if interrupted (checkpointed; the schedule still "
                         "spans the full run), to be continued with --resume")
     return parser
@@ -101,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from omniseg.data.groups import compile_group_pattern, group_counts, parse_groups, select_groups
     from omniseg.data.semantic import read_dataset_info
     from omniseg.models.auto import MASK_CLASSIFICATION_TYPES
+    from omniseg.train.checkpointing import latest_checkpoint
     from omniseg.train.distributed import cleanup, init_distributed
     from omniseg.train.setup import load_for_training
     from omniseg.train.semantic_aux import median_frequency_weights
@@ -109,14 +121,27 @@ def run(args: argparse.Namespace) -> int:
     class_weights = None
     try:
         dist_info = init_distributed(args.device)
-        coco = coco_reader(args.data, args.train_split)
-        if coco is not None:
-            id2label = coco.categories.id2label
-        else:
-            things = args.thing_classes.split(",") if args.thing_classes else None
-            info = read_dataset_info(args.data, ignore_index=args.ignore_index, thing_classes=things)
-            id2label = info.id2label
-        model, processor, model_type, reinitialised = load_for_training(args.model, id2label=id2label, seed=args.seed)
+        problem = argtypes.output_folder_problem(args.out)
+        if problem is not None:  # before the data and model load, not at the first checkpoint
+            raise OmnisegError(problem)
+        # Errors name the option they come from, as evaluate's do ("/x: no such directory"
+        # alone left the user to guess whether --model or --data was meant).
+        try:
+            coco = coco_reader(args.data, args.train_split)
+            if coco is not None:
+                id2label = coco.categories.id2label
+            else:
+                things = args.thing_classes.split(",") if args.thing_classes else None
+                info = read_dataset_info(args.data, ignore_index=args.ignore_index, thing_classes=things)
+                id2label = info.id2label
+        except OmnisegError as exc:
+            raise OmnisegError(f"--data: {exc}") from exc
+        try:
+            model, processor, model_type, reinitialised = load_for_training(
+                args.model, id2label=id2label, seed=args.seed
+            )
+        except OmnisegError as exc:
+            raise OmnisegError(f"--model: {exc}") from exc
         crop = tuple(args.crop_size) if len(args.crop_size) == 2 else (args.crop_size[0], args.crop_size[0])
         if len(args.crop_size) > 2:
             raise OmnisegError("--crop-size takes one or two numbers")
@@ -207,6 +232,15 @@ def run(args: argparse.Namespace) -> int:
         if reinitialised and dist_info.is_main:
             print(f"new classes from {args.data / 'id2label.json'}: re-initialised {', '.join(reinitialised)}",
                   file=sys.stderr)
+        try:
+            earlier = None if args.resume else latest_checkpoint(args.out)
+        except OmnisegError:  # a broken pointer matters to --resume only
+            earlier = None
+        if earlier is not None and dist_info.is_main:
+            # A run restarted after a crash without --resume would otherwise start over in
+            # silence, replacing the earlier run's log and model.
+            print(f"omniseg train: {earlier.parent} holds an earlier run (latest: {earlier.name}); starting a "
+                  "new run over it. Stop and pass --resume to continue that run instead.", file=sys.stderr)
         trainer = Trainer(model, processor, model_type, train_set, eval_set, training_args, dist_info)
         summary = trainer.train()
     except OmnisegError as exc:
@@ -217,7 +251,13 @@ def run(args: argparse.Namespace) -> int:
     if dist_info.is_main:
         best = summary["best_metric"]
         done = "finished" if summary["step"] >= trainer.total_steps else "stopped"
-        line = f"{done} at step {summary['step']}/{trainer.total_steps}, last loss {summary['last_loss']:.4f}"
+        line = f"{done} at step {summary['step']}/{trainer.total_steps}"
+        if math.isnan(summary["last_loss"]):
+            # No step ran in this call (a finite loss always, or training stops with an error):
+            # --resume of a finished run. Its loss is in log.jsonl, not "nan".
+            line += ", no step left to train"
+        else:
+            line += f", last loss {summary['last_loss']:.4f}"
         if best is not None:
             line += f", best mean IoU {best:.4f} at step {summary['best_step']}"
         print(f"{line}; output in {args.out}")

@@ -245,7 +245,7 @@ def folder_samples(root: str | Path, split: str) -> list[Sample]:
     split = names[0]
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     if not image_dir.is_dir():
-        raise InputError(image_dir, f"no images/{split} folder in the dataset")
+        raise InputError(image_dir, f"no images/{split} folder in the dataset; {_splits_there(root)}")
     images = sorted(p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not images:
         raise InputError(image_dir, "no images")
@@ -256,6 +256,16 @@ def folder_samples(root: str | Path, split: str) -> list[Sample]:
             raise InputError(image, f"no label map {label}")
         samples.append(Sample(image, label))
     return samples
+
+
+def _splits_there(root: Path) -> str:
+    """The split names a dataset folder has, for an error about one it lacks: a mistyped
+    ``--split`` then shows the names to choose from."""
+    images = root / "images"
+    if not images.is_dir():
+        return f"{images} does not exist either (expected images/<split>/ and labels/<split>/)"
+    splits = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return f"its splits: {', '.join(splits)}" if splits else f"{images} has no split folders"
 
 
 def pixel_counts(

@@ -15,7 +15,7 @@ from typing import Any
 
 from omniseg.errors import failure_reason
 from omniseg.io.images import load_image, load_image_bytes
-from omniseg.io.results import segments_to_records, write_image_results
+from omniseg.io.results import answer_options, segments_to_records, write_image_results
 
 # Columns that segment_dataset adds to each row; one entry per segment in the list columns,
 # in the order of the pipeline's answer (the order of the per-image JSON's "segments").
@@ -240,6 +240,7 @@ class SegmentImages:
                 write_image_results(
                     Path(stems[row]), images[row], answer, self.pipeline.id2label,
                     source=sources[row], task=self.task, model=spec.model_name, formats=spec.formats,
+                    options=answer_options(self.call_options),
                 )
             except (OSError, ValueError) as exc:
                 failures[row] = exc

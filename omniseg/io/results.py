@@ -2,7 +2,8 @@
 
 Per image, with ``out_stem = OUT/photos/street`` for example:
 
-- ``street.json``: ``{"image", "width", "height", "task", "model", "label_map", "segments"}``;
+- ``street.json``: ``{"image", "width", "height", "task", "model", "label_map", "segments"}``,
+  and from ``omniseg segment`` also ``"options"`` (see :func:`answer_options`);
   each segment ``{"id", "label_id", "label", "score", "area", "bbox", "segmentation"}``
   with ``score`` ``null`` for semantic results, ``bbox`` ``[x, y, width, height]`` in pixels
   (COCO convention) and ``segmentation`` a COCO RLE ``{"size": [h, w], "counts": str}``
@@ -35,6 +36,9 @@ from omniseg.viz.overlay import draw_overlay
 
 UNASSIGNED_8BIT = 255
 UNASSIGNED_16BIT = 65535
+
+# Pipeline call options that change an image's answer, recorded in its JSON by ``omniseg segment``.
+ANSWER_OPTIONS = ("threshold", "tta")
 
 # Output kinds per image, and the file name suffix each one gets after the stem.
 IMAGE_OUTPUTS = {"labels": "_labels.png", "overlay": "_overlay.png", "json": ".json"}
@@ -179,6 +183,7 @@ def write_image_results(
     model: str | None,
     formats: Iterable[str] = ("png", "json"),
     alpha: float = 0.5,
+    options: Mapping[str, Any] | None = None,
 ) -> ImageResults:
     """Write one image's results atomically; the JSON (if asked for) is written last.
 
@@ -193,6 +198,8 @@ def write_image_results(
         model: the model's name or path (recorded in the JSON).
         formats: any of ``"png"`` (or ``"labels"``, without the overlay) and ``"json"``.
         alpha: overlay opacity.
+        options: the answer-changing call options (:func:`answer_options`), recorded in the
+            JSON as ``"options"`` when given.
     """
     paths = output_paths(out_stem, formats)
     records = segments_to_records(segments, id2label)
@@ -204,9 +211,23 @@ def write_image_results(
         image, records, id2label, source=source, task=task, model=model,
         label_map_file=paths["labels"].name if "labels" in paths else None,
     )
+    if options is not None:
+        document["options"] = dict(options)
     if "json" in paths:
         atomic_write_text(paths["json"], document_json(document))
     return ImageResults(paths=paths, document=document)
+
+
+def answer_options(call_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a pipeline call that change its answers (``threshold``, ``tta``), as given:
+    an absent key is the pipeline's default.
+
+    ``omniseg segment`` records them in each JSON and redoes an image on a re-run when they
+    differ, as it does for another model or task; a re-run with another ``--threshold`` used
+    to keep the old answers as "already done".
+    """
+    # "is", not "in (None, False)": a threshold of 0.0 equals False.
+    return {key: value for key in ANSWER_OPTIONS if (value := call_options.get(key)) is not None and value is not False}
 
 
 def image_document(

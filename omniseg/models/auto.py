@@ -91,8 +91,28 @@ def processor_class(model_type: str) -> type[ImageProcessor]:
     return getattr(importlib.import_module(module), name)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ValueError`` saying why it cannot be used here.
+
+    Without this check a CUDA device on a machine without CUDA failed only once the weights
+    moved, with PyTorch's bare ``AssertionError: Torch not compiled with CUDA enabled``.
+    """
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r}: {exc}") from None
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'")
+    return checked
+
+
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu") -> PretrainedModel:
-    """Load a checkpoint directory or hub id as a ``torch.nn.Module`` in eval mode."""
+    """Load a checkpoint directory or hub id as a ``torch.nn.Module`` in eval mode.
+
+    Raises:
+        ValueError: ``device`` does not exist on this machine (checked before any loading).
+    """
+    check_device(device)
     directory = resolve_model_dir(name_or_path)
     return model_class(model_type_of(directory)).from_pretrained(directory, device=device)
 

@@ -142,6 +142,10 @@ def to_chw_tensor(
     if isinstance(image, np.ndarray):
         if image.dtype == np.bool_:
             image = image.astype(np.uint8)
+        if not image.flags.writeable:
+            # np.asarray(pil_image) is read-only: torch.from_numpy would warn users that writing
+            # to it is "undefined behavior" (nothing writes to it, but the warning alarms).
+            image = image.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(image))
     elif isinstance(image, torch.Tensor):
         tensor = image.detach()
@@ -168,7 +172,8 @@ def label_map_to_tensor(label_map: ImageLike) -> torch.Tensor:
     if isinstance(label_map, Image.Image):
         tensor = torch.from_numpy(np.array(label_map))
     elif isinstance(label_map, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(label_map))
+        # A read-only array (np.asarray of a PIL image) is copied, as images are above.
+        tensor = torch.from_numpy(np.ascontiguousarray(label_map if label_map.flags.writeable else label_map.copy()))
     elif isinstance(label_map, torch.Tensor):
         tensor = label_map.detach()
     else:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from omniseg.errors import OmnisegError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
@@ -47,7 +49,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+        raise OmnisegError("--device cuda: CUDA is not available on this machine; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
