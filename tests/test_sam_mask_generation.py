@@ -92,6 +92,26 @@ def test_wrong_model_for_each_task_is_a_typed_error(sam_dir, tmp_path) -> None:
         omniseg.pipeline("mask-generation", model=other)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("crops_n_layers", -1),  # was IndexError
+        ("points_per_crop", 0),  # was ZeroDivisionError
+        ("crop_n_points_downscale_factor", 0),  # was ZeroDivisionError with crops_n_layers 1
+        ("points_per_batch", "64"),  # was TypeError comparing a str with an int
+        ("points_per_batch", 0),
+        ("mask_threshold", "x"),  # was TypeError adding a str to an int
+        ("pred_iou_thresh", float("nan")),
+        ("crop_overlap_ratio", 1.5),  # was accepted: tiles larger than the image
+        ("crop_overlap_ratio", -0.1),
+    ],
+)
+def test_bad_option_values_are_value_errors_naming_the_option(sam_dir, option, value) -> None:
+    ours = omniseg.pipeline("mask-generation", model=sam_dir)
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        ours("no-such-file.png", **{"crops_n_layers": 1, option: value})  # checked before the image
+
+
 # --- the pieces, against the reference's own functions -------------------------------------
 
 

@@ -105,8 +105,22 @@ class MaskGenerationPipeline:
             ``{"masks": K [H, W] bool arrays, "scores": [K] float32 tensor}`` by decreasing
             score, plus ``"rle_mask"`` / ``"bounding_boxes"`` when asked for.
         """
-        if points_per_batch is not None and points_per_batch <= 0:
-            raise ValueError(f"points_per_batch must be at least 1 (or None for all), got {points_per_batch}")
+        if points_per_batch is not None:
+            _check_integer("points_per_batch", points_per_batch, 1, " (or None for all)")
+        _check_integer("crops_n_layers", crops_n_layers, 0)
+        _check_integer("points_per_crop", points_per_crop, 1)
+        _check_integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+        for name, value in (
+            ("pred_iou_thresh", pred_iou_thresh),
+            ("stability_score_thresh", stability_score_thresh),
+            ("stability_score_offset", stability_score_offset),
+            ("mask_threshold", mask_threshold),
+            ("crops_nms_thresh", crops_nms_thresh),
+            ("crop_overlap_ratio", crop_overlap_ratio),
+        ):
+            _check_number(name, value)
+        if not 0.0 <= crop_overlap_ratio < 1.0:
+            raise ValueError(f"crop_overlap_ratio must be at least 0 and below 1, got {crop_overlap_ratio!r}")
         options = dict(
             points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh,
@@ -262,3 +276,20 @@ class MaskGenerationPipeline:
         grouped = low_res.unflatten(0, (-1, 3))
         upsampled = self.processor.post_process_masks([grouped], [size], [reshaped], binarize=False)[0]
         return upsampled.flatten(0, 1)[:count]
+
+
+# The options are checked before any image is read: a wrong value used to surface deep in
+# the generation as IndexError (crops_n_layers -1), ZeroDivisionError (points_per_crop 0)
+# or a TypeError comparing a str, none of them naming the option.
+
+
+def _check_integer(name: str, value: Any, minimum: int, note: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}{note}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
