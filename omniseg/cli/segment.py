@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             from omniseg.cli.segment_everything import MaskSegmenter
 
             outcomes = ray_engine.segment_items(
-                pending, model_name=model_name, task=subtask, formats=formats,
+                pending, model=args.model, model_name=model_name, task=subtask, formats=formats,
                 call_options=call_options, address=args.ray_address, actors=args.actors,
                 batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
                 gpus_per_actor=args.gpus_per_actor,
