@@ -81,8 +81,6 @@ def segment_items(
     """
     if not items:
         return
-    if model is not None and os.path.isdir(model):
-        model = os.path.abspath(model)  # the actors' working folder is not the user's
     plan = [
         {
             "index": index,
