@@ -288,6 +288,12 @@ def _load_mask_segmenter(args: argparse.Namespace):
         return _usage_error(args, "--task everything / --points / --box need --model with a Segment Anything checkpoint")
     if args.task not in ("auto", "everything"):
         return _usage_error(args, f"--points / --box give Segment Anything masks; --task {args.task} does not apply")
+    if args.task == "everything" and (args.points or args.box):
+        # Both asked for: the prompt used to win in silence, every mask never being made.
+        return _usage_error(
+            args, "--task everything gives every mask of an image, --points / --box the masks of "
+            "one prompt: pass one or the other"
+        )
     try:
         return MaskSegmenter(args.model, device=args.device, points=args.points, box=args.box)
     except (OmnisegError, OSError, ValueError) as exc:
