@@ -22,6 +22,12 @@ class InputError(OmnisegError):
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from (source, reason), not from the message: the default, from ``args``,
+        # calls ``__init__(message)`` and fails, so these errors could not cross a process
+        # boundary (a Ray actor's error reached the user as "UnserializableException").
+        return type(self), (self.source, self.reason)
+
 
 class ImageReadError(InputError):
     """The file is missing, empty, truncated, corrupt, or not an image."""
@@ -42,6 +48,12 @@ class CheckpointError(OmnisegError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from (source, reason), not from the message: the default, from ``args``,
+        # calls ``__init__(message)`` and fails, so these errors could not cross a process
+        # boundary (a Ray actor's error reached the user as "UnserializableException").
+        return type(self), (self.source, self.reason)
 
 
 class ModelNotFoundError(CheckpointError):

@@ -103,6 +103,10 @@ def test_sam_model_without_task_everything_is_a_usage_error(sam_dir, folder, tmp
     arguments = ["--task", "semantic", "--points", "1,2"]
     assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), *arguments]) == 2
     assert "does not apply" in capsys.readouterr().err
+    arguments = ["--task", "everything", "--points", "1,2"]  # the points used to win in silence
+    assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), *arguments]) == 2
+    assert "pass one or the other" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_cli_says_sam_is_not_trained(sam_dir, camvid_dir, tmp_path, capsys) -> None:

@@ -250,3 +250,49 @@ def test_segment_anything_on_ray_writes_the_local_engines_files(frames, tmp_path
     documents = [json.loads(p.read_text()) for p in outs["ray"].glob("*.json")]
     assert len(documents) == 2 and all(d["segments"] for d in documents)
     assert [e["file"] for e in _errors(outs["ray"])] == [str(subset / BROKEN)]
+
+
+def test_the_bundled_model_on_ray_writes_the_local_engines_files(frames, tmp_path, monkeypatch):
+    """No --model: each actor loads the bundled model, as the local engine does; 'default' is
+    only the name the files record (the actors used to look it up as a hub id and die, so the
+    run ended in a traceback). Relative paths, as a user in another folder types them."""
+    import torch
+
+    subset = tmp_path / "frames"
+    subset.mkdir()
+    for path in sorted(frames.glob("0*.png"))[:2] + [frames / BROKEN]:
+        shutil.copy(path, subset / path.name)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each actor runs: the same numbers to the last digit
+    try:
+        assert main(["segment", "frames", "--out", "local"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["segment", "frames", "--out", "ray", "--engine", "ray", "--actors", "1"]) == 1
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    documents = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("*.json")]
+    assert len(documents) == 2 and all(d["model"] == "default" and d["segments"] for d in documents)
+    assert [e["file"] for e in _errors(tmp_path / "ray")] == [str(Path("frames") / BROKEN)]
+
+
+def test_relative_paths_reach_an_instance_started_in_another_folder(frames, model_dir, tmp_path, monkeypatch):
+    """The module's Ray instance started in the folder pytest ran in; the user types paths
+    relative to where they are. Actors read the images and load the model by absolute path
+    (they used to look for them in their own working folder: 'file not found' for every
+    image), while the JSONs and errors.jsonl keep the names as typed."""
+    subset = tmp_path / "frames"
+    subset.mkdir()
+    for path in sorted(frames.glob("0*.png"))[:1] + [frames / BROKEN]:
+        shutil.copy(path, subset / path.name)
+    shutil.copytree(model_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    command = ["segment", "frames", "--model", "model", "--task", "instance", "--threshold", "0"]
+    assert main(command + ["--out", "local"]) == 1
+    assert main(command + ["--out", "ray", "--engine", "ray", "--actors", "1"]) == 1
+    assert [e["file"] for e in _errors(tmp_path / "ray")] == [str(Path("frames") / BROKEN)]
+    assert "truncated" in _errors(tmp_path / "ray")[0]["reason"]
+    (document,) = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("*.json")]
+    (expected,) = [json.loads(p.read_text()) for p in (tmp_path / "local").glob("*.json")]
+    assert document["image"] == expected["image"] == str(Path("frames") / next(subset.glob("0*.png")).name)
+    assert document["model"] == expected["model"] == "model"

@@ -534,3 +534,28 @@ def test_read_only_arrays_raise_no_torch_warning(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "not writable" not in result.stderr
+
+
+def test_outputs_with_grad_raise_no_torch_warning() -> None:
+    """``outputs = model(**inputs)`` outside ``torch.no_grad`` (the README's example) gives
+    logits that require grad; every post-processing used to print torch's "Converting a
+    tensor with requires_grad=True to a scalar may lead to unexpected results" warning.
+    torch warns once per process, so the check runs in a fresh one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from types import SimpleNamespace\n"
+        "from omniseg.processing.mask2former import Mask2FormerImageProcessor\n"
+        "torch.manual_seed(0)\n"
+        "outputs = SimpleNamespace(class_queries_logits=torch.randn(1, 5, 4, requires_grad=True),\n"
+        "                          masks_queries_logits=torch.randn(1, 5, 24, 32, requires_grad=True))\n"
+        "processor = Mask2FormerImageProcessor(size={'height': 32, 'width': 32})\n"
+        "processor.post_process_semantic_segmentation(outputs, target_sizes=[(30, 40)])\n"
+        "processor.post_process_instance_segmentation(outputs, threshold=0.0)\n"
+        "processor.post_process_panoptic_segmentation(outputs, threshold=0.0)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "requires_grad" not in result.stderr

@@ -189,3 +189,27 @@ def _plain_attention(self, query, key, value):
     v = self._heads(self.v_proj(value), prompts)
     attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
     return self.out_proj(attended.transpose(2, 3).flatten(3))
+
+
+def test_a_forward_outside_no_grad_gives_the_same_masks_and_a_gradient(sam_pair, street_photo, monkeypatch) -> None:
+    """``outputs = model(**inputs)`` as the README writes it, with autograd recording: the
+    global layers' relative-position bias used to be written with ``out=`` into a shared
+    buffer, which autograd refuses ("add(): functions with out=... arguments don't support
+    automatic differentiation"). Blocks of two grid rows, so the bias has several blocks."""
+    from omniseg import load_processor
+    from omniseg.models.sam import vision_encoder
+
+    _, directory, _, ours = sam_pair
+    monkeypatch.setattr(vision_encoder, "QUERY_BLOCK", 20)
+    inputs = load_processor(directory)(street_photo, input_points=[[[[120.0, 80.0]]]])
+    with torch.no_grad():
+        expected = ours(**inputs)
+    actual = ours(**inputs)
+    assert actual.pred_masks.requires_grad
+    # Recording autograd, PyTorch may pick other attention kernels: equal to float rounding.
+    assert _relative_error(expected.pred_masks, actual.pred_masks.detach()) < 1e-5
+    assert _relative_error(expected.iou_scores, actual.iou_scores.detach()) < 1e-5
+    actual.pred_masks.sum().backward()
+    grads = [p.grad for p in ours.vision_encoder.parameters() if p.grad is not None]
+    ours.zero_grad(set_to_none=True)
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -327,6 +327,25 @@ def test_serve_command_usage_errors(tmp_path, capsys):
     assert "between 1 and 65535" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_port_in_use_before_loading_models(capsys, monkeypatch):
+    """A port already in use is a usage error (exit 2) naming the address, found before any
+    model loads; it used to load them, announce the URL, then end in uvicorn's exit 3."""
+    import socket
+
+    loaded = []
+    monkeypatch.setattr(ModelRegistry, "load", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: " in err and "in use" in err
+    assert not loaded and "omniseg serve: models" not in err
+    assert main(["serve", "--host", "no-such-host.invalid", "--port", str(port)]) == 2
+    assert "cannot listen on no-such-host.invalid" in capsys.readouterr().err
+
+
 def test_a_request_cancelled_mid_job_keeps_its_slot_until_the_job_ends():
     """A client that leaves does not free its slot while its job still runs: otherwise
     jobs could pile up on the pool beyond workers + queue."""

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             from omniseg.cli.segment_everything import MaskSegmenter
 
             outcomes = ray_engine.segment_items(
-                pending, model_name=model_name, task=subtask, formats=formats,
+                pending, model=args.model, model_name=model_name, task=subtask, formats=formats,
                 call_options=call_options, address=args.ray_address, actors=args.actors,
                 batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
                 gpus_per_actor=args.gpus_per_actor,
@@ -288,6 +288,12 @@ def _load_mask_segmenter(args: argparse.Namespace):
         return _usage_error(args, "--task everything / --points / --box need --model with a Segment Anything checkpoint")
     if args.task not in ("auto", "everything"):
         return _usage_error(args, f"--points / --box give Segment Anything masks; --task {args.task} does not apply")
+    if args.task == "everything" and (args.points or args.box):
+        # Both asked for: the prompt used to win in silence, every mask never being made.
+        return _usage_error(
+            args, "--task everything gives every mask of an image, --points / --box the masks of "
+            "one prompt: pass one or the other"
+        )
     try:
         return MaskSegmenter(args.model, device=args.device, points=args.points, box=args.box)
     except (OmnisegError, OSError, ValueError) as exc:

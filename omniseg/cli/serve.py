@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from omniseg.errors import ModelNotFoundError, OmnisegError
@@ -15,8 +16,8 @@ first. Inference runs on --workers threads; up to --queue-size more requests wai
 further ones are answered 503 at once. The API is described at /docs once running.
 Binds to 127.0.0.1 unless --host says otherwise (0.0.0.0 exposes it to the network).
 
-exit status: 0 stopped cleanly, 2 usage error (bad arguments, a model cannot be loaded,
-the serve extra is missing).
+exit status: 0 stopped cleanly, 2 usage error (bad arguments, the address cannot be
+listened on, a model cannot be loaded, the serve extra is missing).
 """
 
 
@@ -59,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _usage_error(args, f"the serve extra is not installed ({exc.name} missing): "
                                   "pip install 'omniseg[serve]'")
+    # Checked before the models load (seconds to minutes): a port already in use used to
+    # be found only after them, once the URL had been announced, with uvicorn's exit 3.
+    problem = _bind_problem(args.host, args.port)
+    if problem is not None:
+        return _usage_error(args, f"cannot listen on {_url_host(args.host)}:{args.port}: {problem}")
     try:
         registry = ModelRegistry.load(
             args.model, device=args.device, max_pixels=round(args.max_megapixels * 1_000_000)
@@ -77,6 +83,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"omniseg serve: models {names}; http://{_url_host(args.host)}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound (in use, no such address), or ``None``. The socket
+    is closed again at once, with ``SO_REUSEADDR`` set as uvicorn sets it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _url_host(host: str) -> str:

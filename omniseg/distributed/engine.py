@@ -57,7 +57,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
 def segment_items(
     items: Sequence[Any],
     *,
-    model_name: str | None,
+    model: str | None,
+    model_name: str,
     task: str,
     formats: Sequence[str],
     call_options: Mapping[str, Any],
@@ -70,8 +71,10 @@ def segment_items(
 ) -> Iterator[tuple[Any, tuple[str, str] | None]]:
     """Segment and write ``items`` (each with ``.path`` and ``.stem``) on Ray.
 
-    ``task``: as the user gave it (``None``: what the model supports first); each actor
-    resolves it as the local engine does. ``mask_generation``: see :func:`map_with_actors`.
+    ``model``: what each actor loads (``None``: the bundled default model); ``model_name``:
+    the name recorded in each JSON (the bundled model's is ``default``, which is no path or
+    hub id to load). ``task``: as the user gave it (``None``: what the model supports
+    first); each actor resolves it as the local engine does. ``mask_generation``: see :func:`map_with_actors`.
 
     Yields ``(item, None)`` when an image's files are written, ``(item, (error type,
     reason))`` when it failed; each item exactly once, in the order they finish.
@@ -79,7 +82,14 @@ def segment_items(
     if not items:
         return
     plan = [
-        {"index": index, "source": str(item.path), "stem": os.path.abspath(item.stem)}
+        {
+            "index": index,
+            "source": str(item.path),  # as the user named it: in the JSONs and errors
+            # What the actors read: an absolute path, since their working folder is the one
+            # the Ray instance started in (--ray-address auto), not the user's.
+            "path": item.path if isinstance(item.path, str) else os.path.abspath(item.path),
+            "stem": os.path.abspath(item.stem),
+        }
         for index, item in enumerate(items)
     ]
     with ray_cluster(address) as ray, _quiet_ray_data_logs():
@@ -95,9 +105,9 @@ def segment_items(
             ds = ray.data.from_items(plan, override_num_blocks=blocks)
             ds = map_with_actors(
                 ds,
-                model=model_name,
+                model=model,
                 task=task,
-                image_column="source",
+                image_column="path",
                 source_column="source",
                 call_options=call_options,
                 batch_size=batch_size,

@@ -30,6 +30,8 @@ from omniseg.processing import mask_generation as amg
 from omniseg.processing.sam import resized_shape
 
 SAM_MODEL_TYPES = ("sam",)
+# Kept masks upsampled to their crop's size at a time (a multiple of 3; see _upsample).
+UPSAMPLE_CHUNK = 12
 
 
 class MaskGenerationPipeline:
@@ -105,8 +107,22 @@ class MaskGenerationPipeline:
             ``{"masks": K [H, W] bool arrays, "scores": [K] float32 tensor}`` by decreasing
             score, plus ``"rle_mask"`` / ``"bounding_boxes"`` when asked for.
         """
-        if points_per_batch is not None and points_per_batch <= 0:
-            raise ValueError(f"points_per_batch must be at least 1 (or None for all), got {points_per_batch}")
+        if points_per_batch is not None:
+            _check_integer("points_per_batch", points_per_batch, 1, " (or None for all)")
+        _check_integer("crops_n_layers", crops_n_layers, 0)
+        _check_integer("points_per_crop", points_per_crop, 1)
+        _check_integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+        for name, value in (
+            ("pred_iou_thresh", pred_iou_thresh),
+            ("stability_score_thresh", stability_score_thresh),
+            ("stability_score_offset", stability_score_offset),
+            ("mask_threshold", mask_threshold),
+            ("crops_nms_thresh", crops_nms_thresh),
+            ("crop_overlap_ratio", crop_overlap_ratio),
+        ):
+            _check_number(name, value)
+        if not 0.0 <= crop_overlap_ratio < 1.0:
+            raise ValueError(f"crop_overlap_ratio must be at least 0 and below 1, got {crop_overlap_ratio!r}")
         options = dict(
             points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh,
@@ -158,7 +174,7 @@ class MaskGenerationPipeline:
         for crop_box, layer in amg.crop_boxes(crops_n_layers, crop_overlap_ratio, (height, width)):
             left, top, right, bottom = crop_box
             crop = pixels[:, top:bottom, left:right]
-            crop_scores, crop_boxes_, crop_masks = self._crop_masks(
+            crop_scores, crop_boxes_, crop_masks, reshaped = self._crop_masks(
                 crop,
                 grids[layer],
                 crop_box=crop_box,
@@ -171,14 +187,24 @@ class MaskGenerationPipeline:
             )
             scores.append(crop_scores)
             boxes.append(crop_boxes_ + torch.tensor([left, top, left, top]))
-            masks.extend((crop_box, mask) for mask in crop_masks)
+            masks.extend((crop_box, reshaped, mask) for mask in crop_masks)
         all_scores = torch.cat(scores)
         all_boxes = torch.cat(boxes)
         keep = amg.nms(all_boxes.float(), all_scores, crops_nms_thresh)
         full = torch.zeros(len(keep), height, width, dtype=torch.bool)
+        # Only the masks that survive NMS are upsampled again, crop by crop (the same
+        # numbers: each plane's upsampling depends on that plane alone, see _upsample).
+        by_crop: dict[tuple[int, ...], list[int]] = {}
         for row, index in enumerate(keep.tolist()):
-            (left, top, right, bottom), mask = masks[index]
-            full[row, top:bottom, left:right] = mask
+            by_crop.setdefault(tuple(masks[index][0]), []).append(row)
+        keep_list = keep.tolist()
+        for (left, top, right, bottom), rows in by_crop.items():
+            reshaped = masks[keep_list[rows[0]]][1]
+            for first in range(0, len(rows), UPSAMPLE_CHUNK):
+                chunk = rows[first : first + UPSAMPLE_CHUNK]
+                low_res = torch.stack([masks[keep_list[row]][2] for row in chunk]).to(self.device)
+                logits = self._upsample(low_res, (bottom - top, right - left), reshaped)
+                full[chunk, top:bottom, left:right] = (logits > mask_threshold).cpu()
         return {
             "masks": list(full.numpy()),
             "scores": all_scores[keep],
@@ -198,9 +224,16 @@ class MaskGenerationPipeline:
         stability_score_thresh: float,
         stability_score_offset: float,
         mask_threshold: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[int]]:
         """One crop's masks that pass the filters: ``(scores [k], boxes [k, 4] in crop
-        pixels, k [h, w] bool masks)``, in prompt order then mask order."""
+        pixels, k [4G, 4G] low-resolution mask logits, the processor's reshaped size)``, in
+        prompt order then mask order.
+
+        Full-size logits exist for UPSAMPLE_CHUNK masks at a time, for the filters and the
+        boxes; the masks are kept at low resolution until NMS has chosen. Keeping every
+        passing mask at full size (up to 3 x points_per_batch float maps per batch, and
+        hundreds of bool maps before NMS) took 3.6 GB for one 3-megapixel photo and more
+        than 13 GB for a 12-megapixel one."""
         model, decoder = self.model, self.model.mask_decoder
         crop_height, crop_width = crop.shape[-2:]
         inputs = self.processor(crop)
@@ -229,20 +262,22 @@ class MaskGenerationPipeline:
                 continue
             low_res = decoder.predict_masks(tokens[0, prompts], keys[0, prompts])[:, 1:]  # [p, M, 4G, 4G]
             kept = keep[prompts]
-            logits = self._upsample(low_res[kept], (crop_height, crop_width), reshaped)  # [k, h, w]
-            mask_scores = iou[prompts][kept]
-            if stability_score_thresh > 0.0:
-                stable = amg.stability_scores(logits, mask_threshold, stability_score_offset) > stability_score_thresh
-                logits, mask_scores = logits[stable], mask_scores[stable]
-            binary = logits > mask_threshold
-            mask_boxes = amg.mask_boxes(binary)
-            inside = ~amg.near_crop_edge(mask_boxes, crop_box, image_size)
-            scores.append(mask_scores[inside].cpu())
-            boxes.append(mask_boxes[inside].cpu())
-            masks.extend(binary[inside].cpu().unbind(0))
+            kept_low_res, kept_scores = low_res[kept], iou[prompts][kept]
+            for first in range(0, len(kept_low_res), UPSAMPLE_CHUNK):
+                chunk_low_res = kept_low_res[first : first + UPSAMPLE_CHUNK]
+                mask_scores = kept_scores[first : first + UPSAMPLE_CHUNK]
+                logits = self._upsample(chunk_low_res, (crop_height, crop_width), reshaped)  # [c, h, w]
+                if stability_score_thresh > 0.0:
+                    stable = amg.stability_scores(logits, mask_threshold, stability_score_offset) > stability_score_thresh
+                    logits, mask_scores, chunk_low_res = logits[stable], mask_scores[stable], chunk_low_res[stable]
+                mask_boxes = amg.mask_boxes(logits > mask_threshold)
+                inside = ~amg.near_crop_edge(mask_boxes, crop_box, image_size)
+                scores.append(mask_scores[inside].cpu())
+                boxes.append(mask_boxes[inside].cpu())
+                masks.extend(chunk_low_res[inside].cpu().unbind(0))
         if not scores:
-            return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64), []
-        return torch.cat(scores), torch.cat(boxes), masks
+            return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64), [], reshaped
+        return torch.cat(scores), torch.cat(boxes), masks, reshaped
 
     def _upsample(self, low_res: torch.Tensor, size: tuple[int, int], reshaped: list[int]) -> torch.Tensor:
         """Mask logits ``[k, 4G, 4G]`` to ``[k, h, w]`` with the processor's
@@ -262,3 +297,20 @@ class MaskGenerationPipeline:
         grouped = low_res.unflatten(0, (-1, 3))
         upsampled = self.processor.post_process_masks([grouped], [size], [reshaped], binarize=False)[0]
         return upsampled.flatten(0, 1)[:count]
+
+
+# The options are checked before any image is read: a wrong value used to surface deep in
+# the generation as IndexError (crops_n_layers -1), ZeroDivisionError (points_per_crop 0)
+# or a TypeError comparing a str, none of them naming the option.
+
+
+def _check_integer(name: str, value: Any, minimum: int, note: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}{note}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -31,9 +31,15 @@ MaskSize = tuple[int, int] | None
 
 
 def _logits(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs' class and mask logits, detached: post-processing is not differentiated,
+    and the logits of a forward pass run outside ``torch.no_grad`` (``outputs =
+    model(**inputs)``, as the README shows) made every Python float taken of them print
+    torch's "Converting a tensor with requires_grad=True to a scalar" warning at users."""
     if isinstance(outputs, Mapping):
-        return outputs["class_queries_logits"], outputs["masks_queries_logits"]
-    return outputs.class_queries_logits, outputs.masks_queries_logits
+        class_logits, mask_logits = outputs["class_queries_logits"], outputs["masks_queries_logits"]
+    else:
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+    return class_logits.detach(), mask_logits.detach()
 
 
 def _target_size(target_sizes: Sequence[Any] | torch.Tensor | None, index: int) -> tuple[int, int] | None:

@@ -114,15 +114,23 @@ class SamVisionAttention(nn.Module):
                 query.reshape(batch * self.num_heads, height, width, self.head_dim)
             )
             block = max(1, QUERY_BLOCK // width)
-            buffer = query.new_empty(batch * self.num_heads * min(block, height) * width * tokens)
+            # With autograd recording (a forward outside torch.no_grad, as in
+            # ``outputs = model(**inputs)``), ``out=`` is refused and a reused buffer would
+            # overwrite what the backward pass needs: each block then gets its own tensor.
+            shared = not (torch.is_grad_enabled() and (rel_h.requires_grad or rel_w.requires_grad))
+            if shared:
+                buffer = query.new_empty(batch * self.num_heads * min(block, height) * width * tokens)
             parts = []
             for first in range(0, height, block):
                 rows = slice(first, min(first + block, height))
                 count = rows.stop - rows.start
-                bias = buffer[: batch * self.num_heads * count * width * tokens].view(
-                    batch * self.num_heads, count, width, height, width
-                )
-                torch.add(rel_h[:, rows, :, :, None], rel_w[:, rows, :, None, :], out=bias)
+                if shared:
+                    bias = buffer[: batch * self.num_heads * count * width * tokens].view(
+                        batch * self.num_heads, count, width, height, width
+                    )
+                    torch.add(rel_h[:, rows, :, :, None], rel_w[:, rows, :, None, :], out=bias)
+                else:
+                    bias = rel_h[:, rows, :, :, None] + rel_w[:, rows, :, None, :]
                 parts.append(
                     F.scaled_dot_product_attention(
                         query[:, :, rows.start * width : rows.stop * width],

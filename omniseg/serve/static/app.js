@@ -20,6 +20,8 @@ const state = {
   visible: [],       // per segment: drawn or hidden
   active: -1,        // the hovered segment, or -1
   params: null,      // the form fields of the last answer's request
+  request: 0,        // segment requests made: only the latest one's answer is shown
+  work: 0,           // busy() calls made: only the latest one ends the progress bar
 };
 
 // --- COCO RLE ------------------------------------------------------------------------------
@@ -238,31 +240,39 @@ function formFor(params, format) {
 }
 
 async function busy(text, work) {
+  // A new image may be dropped while a request runs: an earlier call's end must not hide
+  // the progress bar (or show an error) of the one still running.
+  const call = ++state.work;
   $("error").hidden = true;
   $("status-text").textContent = text;
   $("status").hidden = false;
   for (const id of ["run", "download-labels", "download-overlay"]) $(id).disabled = true;
   const started = performance.now();
   const timer = setInterval(() => {
-    $("status-text").textContent = `${text} ${((performance.now() - started) / 1000).toFixed(1)} s`;
+    if (call === state.work) $("status-text").textContent = `${text} ${((performance.now() - started) / 1000).toFixed(1)} s`;
   }, 100);
   try {
     await work();
   } catch (error) {
-    showError(error);
+    if (call === state.work) showError(error);
   } finally {
     clearInterval(timer);
-    $("status").hidden = true;
-    $("run").disabled = !state.file;
-    $("download-labels").disabled = $("download-overlay").disabled = !state.answer;
+    if (call === state.work) {
+      $("status").hidden = true;
+      $("run").disabled = !state.file;
+      $("download-labels").disabled = $("download-overlay").disabled = !state.answer;
+    }
   }
 }
 
 async function segment() {
   if (!state.file) return;
   const params = { model: $("model").value, task: $("task").value, threshold: $("threshold").value };
+  const request = ++state.request;
   await busy("Segmenting…", async () => {
     const answer = await fetch(routeFor(params), { method: "POST", body: formFor(params, "json") }).then(checked);
+    // An answer for an image (or settings) replaced meanwhile would be drawn over the new one.
+    if (request !== state.request) return;
     state.params = params;
     showAnswer(answer);
   });
