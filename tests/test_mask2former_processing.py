@@ -518,9 +518,6 @@ def test_read_only_arrays_raise_no_torch_warning(tmp_path) -> None:
     """``processor(np.asarray(pil_image))``, the usual way to hand over an array, used to print
     torch's "The given NumPy array is not writable ... undefined behavior" warning. torch warns
     once per process, so the check runs in a fresh one."""
-    import subprocess
-    import sys
-
     code = (
         "import numpy as np\n"
         "from PIL import Image\n"
@@ -531,9 +528,7 @@ def test_read_only_arrays_raise_no_torch_warning(tmp_path) -> None:
         "processor = Mask2FormerImageProcessor(size={'height': 32, 'width': 32})\n"
         "processor([image, image], segmentation_maps=[label, label], return_tensors='pt')\n"
     )
-    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "not writable" not in result.stderr
+    assert "not writable" not in _run_with_warnings_as_errors(code)
 
 
 def test_outputs_with_grad_raise_no_torch_warning() -> None:
@@ -541,9 +536,6 @@ def test_outputs_with_grad_raise_no_torch_warning() -> None:
     logits that require grad; every post-processing used to print torch's "Converting a
     tensor with requires_grad=True to a scalar may lead to unexpected results" warning.
     torch warns once per process, so the check runs in a fresh one."""
-    import subprocess
-    import sys
-
     code = (
         "import torch\n"
         "from types import SimpleNamespace\n"
@@ -556,6 +548,15 @@ def test_outputs_with_grad_raise_no_torch_warning() -> None:
         "processor.post_process_instance_segmentation(outputs, threshold=0.0)\n"
         "processor.post_process_panoptic_segmentation(outputs, threshold=0.0)\n"
     )
+    assert "requires_grad" not in _run_with_warnings_as_errors(code)
+
+
+def _run_with_warnings_as_errors(code: str) -> str:
+    """Run ``code`` in a fresh Python (torch warns once per process) with every warning an
+    error; assert it succeeds and return its stderr."""
+    import subprocess
+    import sys
+
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "requires_grad" not in result.stderr
+    return result.stderr
