@@ -105,12 +105,24 @@ def assert_pipeline_results_match(
     got: list[dict], expected: list[dict], image_size: tuple[int, int], score_tolerance: float
 ) -> None:
     """The image-segmentation pipeline's segments: the same labels in the same order, scores
-    to ``score_tolerance`` (``None`` for both in semantic results), identical masks at
-    ``image_size`` (width, height)."""
+    to ``score_tolerance`` (``None`` for both in semantic results), masks at ``image_size``
+    (width, height) that differ in at most :data:`TIE_PIXELS` of their pixels."""
     assert [r["label"] for r in got] == [r["label"] for r in expected]
     for a, b in zip(got, expected):
         assert (a["score"] is None) == (b["score"] is None)
         if b["score"] is not None:
             assert a["score"] == pytest.approx(b["score"], abs=score_tolerance)
         assert a["mask"].size == image_size
-        np.testing.assert_array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+        ours, reference = np.asarray(a["mask"]), np.asarray(b["mask"])
+        differing = int((ours != reference).sum())
+        assert differing <= TIE_PIXELS * reference.size, (
+            f"{a['label']}: {differing} of {reference.size} mask pixels differ from the reference"
+        )
+
+
+# A full pipeline compares forwards that sum in different orders (the reference's MKL products
+# against ours; the order also depends on the CPU's vector width), so a pixel whose two
+# best scores are within float rounding of each other may go either way: 1 pixel of 172,800
+# did on an AMD Zen 3 core, none on Zen 4 / Zen 5. A real mistake moves far more: one
+# misplaced row or column of a 480x360 image is 2.8e-3 of it.
+TIE_PIXELS = 1e-4

@@ -240,8 +240,14 @@ def confident_swin_model(tmp_path_factory) -> Path:
 def test_mixed_size_batch_matches_reference(confident_swin_model, street_photo, sampling_path):
     """A batch of two photos of other sizes and aspects (the smaller one padded by most of
     its area): the documented ``model(**processor(images))`` gives the reference's logits.
-    The padding is a near-constant region, where PyTorch's channels-last group norm lost
-    precision (5e-6 in the pixel decoder, 7e-4 in the logits once masked attention flipped)."""
+
+    Query by query: masked attention attends where the layer before predicted a positive
+    mask logit, and a random model has some within float rounding of zero (tens per layer
+    within 1e-4 here), which other summation orders can flip, moving that query's later
+    logits (on an AMD Zen 3 core 2 of the 200 queries moved past the tolerance, by at most
+    5e-4; none on Zen 4 / Zen 5). A batch handled wrongly moves an image's queries: half of
+    them. (The padding is also where PyTorch's channels-last group norm lost precision, a
+    few queries' worth here: that has its own exact test below.)"""
     from omniseg.models.auto import load_processor
 
     ours = load_model(confident_swin_model)
@@ -252,8 +258,17 @@ def test_mixed_size_batch_matches_reference(confident_swin_model, street_photo, 
         ours_out = ours(**inputs)
         ref_out = reference(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
     assert ref_out.class_queries_logits.softmax(-1).amax(-1).mean() > 0.5  # confident heads
-    assert relative_error(ours_out.class_queries_logits, ref_out.class_queries_logits) < TOLERANCE
-    assert relative_error(ours_out.masks_queries_logits, ref_out.masks_queries_logits) < TOLERANCE
+    class_error = _per_query_error(ours_out.class_queries_logits, ref_out.class_queries_logits)
+    mask_error = _per_query_error(ours_out.masks_queries_logits, ref_out.masks_queries_logits)
+    query_error = torch.maximum(class_error, mask_error)  # [B, Q]
+    assert (query_error < TOLERANCE).float().mean() >= 0.95, query_error
+    assert query_error.max() < 1e-2
+
+
+def _per_query_error(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``[B, Q, ...]`` logits -> ``[B, Q]``: each query's largest absolute difference relative
+    to the reference's largest absolute value over all queries."""
+    return (ours - reference).abs().flatten(2).amax(-1) / reference.abs().max()
 
 
 def test_group_norm_is_exact_on_channels_last_maps():
