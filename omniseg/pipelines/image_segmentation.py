@@ -23,7 +23,6 @@ from PIL import Image, ImageOps
 from omniseg.io.images import DEFAULT_MAX_PIXELS, load_image
 from omniseg.models.auto import load_model, load_processor
 from omniseg.ops.bfloat16 import convolutions_to_bfloat16
-from omniseg.ops.group_norm import group_norms_to_fast_statistics
 from omniseg.ops.linear import as_plain_linear
 
 SUBTASKS = ("panoptic", "instance", "semantic")
@@ -300,8 +299,7 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
     packed cross-attention projections, attention itself). Swin's query/key/value
     projections are first stacked into one layer so they are quantized as one matmul.
     On CPUs with native bfloat16 products the large 3x3 convolutions run in bfloat16
-    (:mod:`omniseg.ops.bfloat16`), the largest float32 products left, and channels-last group
-    norms take their statistics in two fast passes (:class:`omniseg.ops.group_norm.GroupNorm`).
+    (:mod:`omniseg.ops.bfloat16`), the largest float32 products left.
     """
     if mode != "int8":
         raise ValueError(f"unknown quantize mode {mode!r}; supported: 'int8'")
@@ -330,7 +328,6 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
         # quantize_dynamic swaps only modules of the exact class nn.Linear.
         model = quantize_dynamic(as_plain_linear(model), qconfig_spec=targets, dtype=torch.qint8)
     convolutions_to_bfloat16(model)
-    group_norms_to_fast_statistics(model)
     return model
 
 
