@@ -176,3 +176,64 @@ def test_the_default_install_has_the_fast_kernels():
     from omniseg.ops._numba import kernels_apply
 
     assert kernels_apply()  # numba imported on this machine
+
+
+@pytest.fixture
+def bundled_copy(tmp_path: Path) -> Path:
+    """The bundled Mask2Former's files, config and processor settings copied to be edited."""
+    from omniseg.assets import default_model_dir
+
+    source = default_model_dir()
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (copy / name).write_text((source / name).read_text())
+    (copy / "model.safetensors").symlink_to(source / "model.safetensors")
+    return copy
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # Each was a raw error from deep inside: torch's "empty(): argument 'size' ...",
+        # "'list' object has no attribute 'items'", "unhashable type: 'list'".
+        ({"num_queries": "many"}, r"config.json: num_queries must be an integer, got 'many'"),
+        ({"dropout": [0.1]}, r"config.json: dropout must be a number, got \[0.1\]"),
+        ({"feature_strides": 4}, r"config.json: feature_strides must be a list, got 4"),
+        ({"id2label": ["road", "sky"]}, r"config.json: id2label must map class ids to names"),
+        ({"id2label": {"road": "sky"}}, r"config.json: id2label keys must be class ids"),
+        ({"model_type": ["mask2former"]}, r"config.json: model_type \['mask2former'\] is not supported"),
+        ({"model_type": None}, r"config.json: no model_type \(supported: detr, mask2former"),
+        # The right types, yet no model can have them: named as the config's problem.
+        ({"hidden_dim": 130}, r"config.json: cannot build Mask2FormerForUniversalSegmentation from this config"),
+    ],
+)
+def test_unusable_config_values_name_the_file_and_key(bundled_copy: Path, changes: dict, message: str) -> None:
+    import omniseg
+
+    _edit_json(bundled_copy / "config.json", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(bundled_copy)
+    with pytest.raises(CheckpointError, match=message):
+        omniseg.pipeline("image-segmentation", model=bundled_copy)
+
+
+def test_lenient_where_published_configs_are(bundled_copy: Path) -> None:
+    # JSON writers differ: 0/1 for booleans, 0 for a float.
+    _edit_json(bundled_copy / "config.json", pre_norm=0, dropout=0)
+    assert load_model(bundled_copy).config.pre_norm == 0
+
+
+def test_unusable_processor_settings_name_the_file(bundled_copy: Path) -> None:
+    from omniseg.models.auto import load_processor
+
+    # Was a bare "ValueError: cannot read size 'big'" naming no file.
+    _edit_json(bundled_copy / "preprocessor_config.json", size="big")
+    with pytest.raises(CheckpointError, match=r"preprocessor_config.json: unusable image processor settings: .*'big'"):
+        load_processor(bundled_copy)

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
 from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict
 from omniseg.models.config import CONFIG_NAME, ModelConfig
@@ -42,8 +43,16 @@ class PretrainedModel(nn.Module):
         state = read_state_dict(directory)
         # The strict load below overwrites every parameter and persistent buffer, so the
         # random initialisation would be thrown away (it is most of the load time).
-        with _skip_weight_init():
-            model = cls.for_checkpoint(config, state)
+        try:
+            with _skip_weight_init():
+                model = cls.for_checkpoint(config, state)
+        except (TypeError, ValueError, AssertionError, IndexError, KeyError, ZeroDivisionError, RuntimeError) as exc:
+            # Values of the right type that no model can have (hidden_dim not a multiple of
+            # num_attention_heads, say) fail inside torch's layers, with torch's words only.
+            raise CheckpointError(
+                directory / CONFIG_NAME,
+                f"cannot build {cls.__name__} from this config ({type(exc).__name__}: {exc})",
+            ) from exc
         ignored = [name for name in state if any(name.endswith(s) for s in cls.ignore_on_load)]
         load_state_dict_strict(model, state, source=directory, ignore_unexpected=ignored)
         return model.to(device).eval()

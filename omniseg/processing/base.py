@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
 from omniseg.io.atomic import atomic_write_text
 from omniseg.models.config import read_json
@@ -46,7 +47,20 @@ class ImageProcessor:
     @classmethod
     def from_pretrained(cls: type[ProcessorT], name_or_path: str | Path) -> ProcessorT:
         directory = resolve_model_dir(name_or_path)
-        return cls.from_dict(read_json(directory / PROCESSOR_NAME))
+        return cls.from_settings_file(directory / PROCESSOR_NAME)
+
+    @classmethod
+    def from_settings_file(cls: type[ProcessorT], path: Path, key: str | None = None) -> ProcessorT:
+        """The processor of the settings in the JSON file ``path`` (under ``key`` if given);
+        a setting it cannot use is a :class:`CheckpointError` naming the file."""
+        data = read_json(path)
+        if key is not None:
+            data = data[key]
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            # e.g. "size": "big" was a bare "ValueError: cannot read size 'big'", no file named.
+            raise CheckpointError(path, f"unusable image processor settings: {exc}") from exc
 
     def save_pretrained(self, directory: str | Path) -> None:
         path = Path(directory) / PROCESSOR_NAME

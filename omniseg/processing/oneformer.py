@@ -82,9 +82,9 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
         directory = resolve_model_dir(name_or_path)
         combined = read_json(directory / PROCESSOR_CONFIG_NAME) if (directory / PROCESSOR_CONFIG_NAME).is_file() else {}
         if (directory / PROCESSOR_NAME).is_file() or not isinstance(combined.get("image_processor"), dict):
-            processor = cls.from_dict(read_json(directory / PROCESSOR_NAME))
+            processor = cls.from_settings_file(directory / PROCESSOR_NAME)
         else:
-            processor = cls.from_dict(combined["image_processor"])
+            processor = cls.from_settings_file(directory / PROCESSOR_CONFIG_NAME, "image_processor")
         processor.tokenizer = TaskTokenizer.from_directory(directory)
         processor.model_directory = directory
         try:
