@@ -237,3 +237,35 @@ def test_unusable_processor_settings_name_the_file(bundled_copy: Path) -> None:
     _edit_json(bundled_copy / "preprocessor_config.json", size="big")
     with pytest.raises(CheckpointError, match=r"preprocessor_config.json: unusable image processor settings: .*'big'"):
         load_processor(bundled_copy)
+
+
+def test_save_into_a_file_or_below_one_names_the_place(tmp_path: Path) -> None:
+    from omniseg.processing.base import ImageProcessor
+
+    model = TinyModel(TinyConfig(width=4, id2label={0: "a", 1: "b"}))
+    a_file = tmp_path / "weights.txt"
+    a_file.write_text("not a folder")
+    # Were pathlib's bare FileExistsError / NotADirectoryError from mkdir.
+    for saver in (model, ImageProcessor()):
+        with pytest.raises(CheckpointError, match=r"weights.txt: cannot save here: it exists and is not a folder"):
+            saver.save_pretrained(a_file)
+        with pytest.raises(CheckpointError, match=r"weights.txt/sub: cannot save here: .*weights.txt is a file"):
+            saver.save_pretrained(a_file / "sub")
+    assert a_file.read_text() == "not a folder"
+
+
+def test_save_where_writing_is_refused_names_the_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    model = TinyModel(TinyConfig(width=4, id2label={0: "a", 1: "b"}))
+
+    # A read-only folder, as a non-root user meets it (root writes anyway, so it is simulated).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(CheckpointError, match=r"read-only: cannot write there \(Permission denied\)"):
+        model.save_pretrained(tmp_path / "read-only")
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(CheckpointError, match=r"new: cannot create the folder to save into \(Permission denied\)"):
+        model.save_pretrained(tmp_path / "new")

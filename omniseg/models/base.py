@@ -12,7 +12,7 @@ from torch import nn
 
 from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
-from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict
+from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict, saving_into
 from omniseg.models.config import CONFIG_NAME, ModelConfig
 
 
@@ -64,12 +64,15 @@ class PretrainedModel(nn.Module):
         return cls(config)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.extra["architectures"] = [self.architecture]
-        self.config.save(directory)
-        save_state_dict(self, directory, extra=self.reference_only_tensors())
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``.
+
+        Raises:
+            CheckpointError: ``directory`` is a file, or cannot be created or written.
+        """
+        with saving_into(directory) as directory:
+            self.config.extra["architectures"] = [self.architecture]
+            self.config.save(directory)
+            save_state_dict(self, directory, extra=self.reference_only_tensors())
 
     def reference_only_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors the reference implementation expects in a checkpoint that omniseg derives

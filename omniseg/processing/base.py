@@ -10,6 +10,7 @@ from typing import Any, ClassVar, TypeVar
 from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
 from omniseg.io.atomic import atomic_write_text
+from omniseg.models.checkpoint import saving_into
 from omniseg.models.config import read_json
 
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -63,6 +64,10 @@ class ImageProcessor:
             raise CheckpointError(path, f"unusable image processor settings: {exc}") from exc
 
     def save_pretrained(self, directory: str | Path) -> None:
-        path = Path(directory) / PROCESSOR_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write ``preprocessor_config.json`` (atomically) into ``directory``.
+
+        Raises:
+            CheckpointError: ``directory`` is a file, or cannot be created or written.
+        """
+        with saving_into(directory) as directory:
+            atomic_write_text(directory / PROCESSOR_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

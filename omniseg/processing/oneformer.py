@@ -18,6 +18,7 @@ import torch
 from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
 from omniseg.io.atomic import atomic_write_text
+from omniseg.models.checkpoint import saving_into
 from omniseg.models.config import read_json
 from omniseg.processing import mask_classification
 from omniseg.processing.base import PROCESSOR_NAME
@@ -96,10 +97,11 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
     def save_pretrained(self, directory: str | Path) -> None:
         """``preprocessor_config.json``, ``processor_config.json`` and the tokenizer's files."""
         super().save_pretrained(directory)
-        settings = {"processor_class": "OneFormerProcessor", "task_seq_length": self.task_seq_length}
-        atomic_write_text(Path(directory) / PROCESSOR_CONFIG_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory)
+        with saving_into(directory) as directory:
+            settings = {"processor_class": "OneFormerProcessor", "task_seq_length": self.task_seq_length}
+            atomic_write_text(directory / PROCESSOR_CONFIG_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            if self.tokenizer is not None:
+                self.tokenizer.save(directory)
 
     # ------------------------------------------------------------------ preprocessing
 
