@@ -145,6 +145,15 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             return _usage_error(args, f"--device {args.device}: CUDA is not available on this machine")
 
+    # Listed before the model loads: inputs with no image at all (an empty or mistyped
+    # folder) are a usage error, not a run that "succeeds" having done nothing.
+    items = _collect(args.inputs, out)
+    if not items:
+        return _usage_error(
+            args, f"no image files found in {' '.join(args.inputs)} (folders are searched, "
+            f"subfolders too, for image file names: .jpg, .png, .tif, .bmp, .webp, ...)"
+        )
+
     seg = _load_pipeline(args)
     if isinstance(seg, int):
         return seg
@@ -161,9 +170,6 @@ def run(args: argparse.Namespace) -> int:
             return _usage_error(args, f"--tta: {reason}")
     id2label = seg.id2label
 
-    items = _collect(args.inputs, out)
-    if not items:
-        print("omniseg segment: no image files found in the inputs", file=sys.stderr)
     errors_path = out / ERRORS_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
