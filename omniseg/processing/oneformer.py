@@ -40,6 +40,18 @@ def task_text(task: str) -> str:
     return f"the task is {task}"
 
 
+def _model_task_seq_len(directory: Path) -> int:
+    """The length of the task inputs for a directory with no ``processor_config.json`` (the
+    hub checkpoints' layout): the model's own ``task_seq_len``. The reference processor takes
+    77 there, right for every published checkpoint, but a model configured otherwise then
+    fails on the processor's inputs."""
+    try:
+        length = read_json(directory / "config.json").get("task_seq_len", DEFAULT_TASK_SEQ_LENGTH)
+    except CheckpointError:  # no model config beside the processor: the reference's default
+        return DEFAULT_TASK_SEQ_LENGTH
+    return length if isinstance(length, int) and not isinstance(length, bool) else DEFAULT_TASK_SEQ_LENGTH
+
+
 @dataclasses.dataclass
 class OneFormerImageProcessor(MaskFormerImageProcessor):
     """Prepares images and task inputs for OneFormer and turns its outputs into segmentations.
@@ -89,7 +101,7 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
         processor.tokenizer = TaskTokenizer.from_directory(directory)
         processor.model_directory = directory
         try:
-            processor.task_seq_length = int(combined.get("task_seq_length", DEFAULT_TASK_SEQ_LENGTH))
+            processor.task_seq_length = int(combined.get("task_seq_length", _model_task_seq_len(directory)))
         except (TypeError, ValueError):
             raise CheckpointError(directory / PROCESSOR_CONFIG_NAME, "task_seq_length is not an integer") from None
         return processor
@@ -122,9 +134,11 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
             task_inputs: ``"semantic"``, ``"instance"`` or ``"panoptic"``, one for all images
                 or one per image; default ``"panoptic"``.
             task_padding: ``"zeros"``: padding positions hold 0, as the reference's
-                ``OneFormerProcessor`` gives them (ids times attention mask, texts cut to the
-                length); ``"pad_token"``: the tokenizer's pad id, texts not cut, as the
-                reference's image-segmentation pipeline tokenizes them.
+                ``OneFormerProcessor`` gives them (ids times attention mask); ``"pad_token"``:
+                the tokenizer's pad id, as the reference's image-segmentation pipeline
+                tokenizes them. Either way a text longer than ``task_seq_length`` is cut to it
+                (end token kept): the reference's pipeline leaves it longer, and the model
+                fails on it (a config whose ``task_seq_len`` is shorter than the task text).
             task_seq_length: length of ``task_inputs`` (default ``self.task_seq_length``).
             **overrides: any other setting of this processor for this call.
 
@@ -146,7 +160,7 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
             raise ValueError(f"got {count} images but {len(tasks)} task inputs")
         length = self.task_seq_length if task_seq_length is None else task_seq_length
         zeros = task_padding == "zeros"
-        ids, mask = self.tokenizer([task_text(task) for task in tasks], length=length, truncate=zeros)
+        ids, mask = self.tokenizer([task_text(task) for task in tasks], length=length, truncate=True)
         task_ids = ids * mask if zeros else ids
         encoded["task_inputs"] = task_ids if return_tensors == "pt" else (
             task_ids.numpy() if return_tensors == "np" else list(task_ids)
