@@ -97,7 +97,7 @@ class SamImageProcessor(ImageProcessor):
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         settings = dataclasses.replace(self, **overrides) if overrides else self
-        images = images if isinstance(images, (list, tuple)) else [images]
+        images = transforms.require_images(list(images) if isinstance(images, (list, tuple)) else [images])
         pixel_values, original, reshaped = settings._pixel_values(images)
         data: dict[str, Any] = {
             "pixel_values": pixel_values,
