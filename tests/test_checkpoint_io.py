@@ -269,3 +269,15 @@ def test_save_where_writing_is_refused_names_the_place(tmp_path: Path, monkeypat
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(CheckpointError, match=r"new: cannot create the folder to save into \(Permission denied\)"):
         model.save_pretrained(tmp_path / "new")
+
+
+def test_a_model_object_or_other_non_path_is_a_type_error_naming_the_argument(saved_tiny: Path) -> None:
+    import omniseg
+
+    loaded = TinyModel.from_pretrained(saved_tiny)
+    # Was pathlib's "expected str, bytes or os.PathLike object, not TinyModel".
+    with pytest.raises(TypeError, match=r"^model: expected a checkpoint directory .* got TinyModel; to run a model already loaded"):
+        omniseg.pipeline("image-segmentation", model=loaded)
+    for call in (load_model, omniseg.load_processor, lambda m: omniseg.pipeline("mask-generation", model=m)):
+        with pytest.raises(TypeError, match=r"^model: expected a checkpoint directory .* got int$"):
+            call(5)
