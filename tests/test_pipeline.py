@@ -151,3 +151,11 @@ def test_thresholds_at_the_ends_of_their_range_are_accepted():
         segment["mask"].size == (40, 30)
         for segment in seg(image, threshold=0, mask_threshold=0, overlap_mask_area_threshold=1)
     )
+
+
+@pytest.mark.parametrize(("option", "value"), [("batch_size", 0), ("batch_size", 2.5), ("max_pixels", 0), ("max_pixels", -1)])
+def test_pipeline_settings_out_of_range_are_value_errors_naming_them(option, value):
+    # batch_size=0 was kept (the CPU then ran one image per pass anyway); max_pixels=0 refused
+    # every image as "too large".
+    with pytest.raises(ValueError, match=f"^{option} must be an integer of at least 1"):
+        omniseg.pipeline("image-segmentation", **{option: value})

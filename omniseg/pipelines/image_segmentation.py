@@ -72,6 +72,12 @@ class ImageSegmentationPipeline:
                 linear layers (answers change slightly; see the README's Speed section).
                 ``None`` (default): float32, the reference implementation's answers.
         """
+        # Checked here, not at the first call: batch_size=0 used to be kept (and mean 1 on
+        # the CPU), max_pixels=0 refused every image as too large.
+        if not _is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if max_pixels is not None and (not _is_integer(max_pixels) or max_pixels < 1):
+            raise ValueError(f"max_pixels must be an integer of at least 1, or None for no limit, got {max_pixels!r}")
         self.device = torch.device(device)
         model = model.to(self.device).eval()
         if quantize is not None:
@@ -317,10 +323,12 @@ def _check_options(
         real = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
         if not real or not 0.0 <= value <= 1.0:  # NaN fails the comparison too
             raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
-    ):
+    if batch_size is not None and (not _is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer of at least 1 (or None), got {batch_size!r}")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
