@@ -112,6 +112,12 @@ def test_bad_option_values_are_value_errors_naming_the_option(sam_dir, option, v
         ours("no-such-file.png", **{"crops_n_layers": 1, option: value})  # checked before the image
 
 
+@pytest.mark.parametrize("value", [0, -5, 1.5])
+def test_max_pixels_below_one_is_a_value_error(sam_dir, value) -> None:
+    with pytest.raises(ValueError, match=r"^max_pixels must be an integer of at least 1 \(or None for no limit\)"):
+        omniseg.pipeline("mask-generation", model=sam_dir, max_pixels=value)
+
+
 def _rss_kib(field: str) -> int:
     from pathlib import Path
 
