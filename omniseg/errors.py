@@ -42,7 +42,8 @@ class UnsupportedImageError(InputError):
 
 
 class CheckpointError(OmnisegError):
-    """A model directory is missing files, or its weights do not fit the architecture."""
+    """A model directory is missing files, its weights or settings do not fit the architecture,
+    or it cannot be written (``save_pretrained``)."""
 
     def __init__(self, source: str | Path, reason: str) -> None:
         self.source = str(source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omniseg.errors import ModelNotFoundError
@@ -31,7 +32,22 @@ def resolve_model_dir(name_or_path: str | Path, *, revision: str | None = None) 
     fetched with ``huggingface_hub`` into its standard cache; ``HF_HUB_OFFLINE=1`` is
     honoured, and a repository that is neither reachable nor cached raises
     :class:`ModelNotFoundError` saying so.
+
+    Raises:
+        TypeError: ``name_or_path`` is neither a string nor a path (a model object, say).
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        # Else pathlib's "expected str, bytes or os.PathLike object, not ...", naming no argument.
+        hint = ""
+        if hasattr(name_or_path, "state_dict"):
+            hint = (
+                "; to run a model already loaded, build "
+                "omniseg.pipelines.image_segmentation.ImageSegmentationPipeline(model=model, processor=processor)"
+            )
+        raise TypeError(
+            f"model: expected a checkpoint directory (str or path) or a hub id (str), "
+            f"got {type(name_or_path).__name__}{hint}"
+        )
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -176,3 +176,108 @@ def test_the_default_install_has_the_fast_kernels():
     from omniseg.ops._numba import kernels_apply
 
     assert kernels_apply()  # numba imported on this machine
+
+
+@pytest.fixture
+def bundled_copy(tmp_path: Path) -> Path:
+    """The bundled Mask2Former's files, config and processor settings copied to be edited."""
+    from omniseg.assets import default_model_dir
+
+    source = default_model_dir()
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (copy / name).write_text((source / name).read_text())
+    (copy / "model.safetensors").symlink_to(source / "model.safetensors")
+    return copy
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # Each was a raw error from deep inside: torch's "empty(): argument 'size' ...",
+        # "'list' object has no attribute 'items'", "unhashable type: 'list'".
+        ({"num_queries": "many"}, r"config.json: num_queries must be an integer, got 'many'"),
+        ({"dropout": [0.1]}, r"config.json: dropout must be a number, got \[0.1\]"),
+        ({"feature_strides": 4}, r"config.json: feature_strides must be a list, got 4"),
+        ({"id2label": ["road", "sky"]}, r"config.json: id2label must map class ids to names"),
+        ({"id2label": {"road": "sky"}}, r"config.json: id2label keys must be class ids"),
+        ({"model_type": ["mask2former"]}, r"config.json: model_type \['mask2former'\] is not supported"),
+        ({"model_type": None}, r"config.json: no model_type \(supported: detr, mask2former"),
+        # The right types, yet no model can have them: named as the config's problem.
+        ({"hidden_dim": 130}, r"config.json: cannot build Mask2FormerForUniversalSegmentation from this config"),
+    ],
+)
+def test_unusable_config_values_name_the_file_and_key(bundled_copy: Path, changes: dict, message: str) -> None:
+    import omniseg
+
+    _edit_json(bundled_copy / "config.json", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(bundled_copy)
+    with pytest.raises(CheckpointError, match=message):
+        omniseg.pipeline("image-segmentation", model=bundled_copy)
+
+
+def test_lenient_where_published_configs_are(bundled_copy: Path) -> None:
+    # JSON writers differ: 0/1 for booleans, 0 for a float.
+    _edit_json(bundled_copy / "config.json", pre_norm=0, dropout=0)
+    assert load_model(bundled_copy).config.pre_norm == 0
+
+
+def test_unusable_processor_settings_name_the_file(bundled_copy: Path) -> None:
+    from omniseg.models.auto import load_processor
+
+    # Was a bare "ValueError: cannot read size 'big'" naming no file.
+    _edit_json(bundled_copy / "preprocessor_config.json", size="big")
+    with pytest.raises(CheckpointError, match=r"preprocessor_config.json: unusable image processor settings: .*'big'"):
+        load_processor(bundled_copy)
+
+
+def test_save_into_a_file_or_below_one_names_the_place(tmp_path: Path) -> None:
+    from omniseg.processing.base import ImageProcessor
+
+    model = TinyModel(TinyConfig(width=4, id2label={0: "a", 1: "b"}))
+    a_file = tmp_path / "weights.txt"
+    a_file.write_text("not a folder")
+    # Were pathlib's bare FileExistsError / NotADirectoryError from mkdir.
+    for saver in (model, ImageProcessor()):
+        with pytest.raises(CheckpointError, match=r"weights.txt: cannot save here: it exists and is not a folder"):
+            saver.save_pretrained(a_file)
+        with pytest.raises(CheckpointError, match=r"weights.txt/sub: cannot save here: .*weights.txt is a file"):
+            saver.save_pretrained(a_file / "sub")
+    assert a_file.read_text() == "not a folder"
+
+
+def test_save_where_writing_is_refused_names_the_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    model = TinyModel(TinyConfig(width=4, id2label={0: "a", 1: "b"}))
+
+    # A read-only folder, as a non-root user meets it (root writes anyway, so it is simulated).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(CheckpointError, match=r"read-only: cannot write there \(Permission denied\)"):
+        model.save_pretrained(tmp_path / "read-only")
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(CheckpointError, match=r"new: cannot create the folder to save into \(Permission denied\)"):
+        model.save_pretrained(tmp_path / "new")
+
+
+def test_a_model_object_or_other_non_path_is_a_type_error_naming_the_argument(saved_tiny: Path) -> None:
+    import omniseg
+
+    loaded = TinyModel.from_pretrained(saved_tiny)
+    # Was pathlib's "expected str, bytes or os.PathLike object, not TinyModel".
+    with pytest.raises(TypeError, match=r"^model: expected a checkpoint directory .* got TinyModel; to run a model already loaded"):
+        omniseg.pipeline("image-segmentation", model=loaded)
+    for call in (load_model, omniseg.load_processor, lambda m: omniseg.pipeline("mask-generation", model=m)):
+        with pytest.raises(TypeError, match=r"^model: expected a checkpoint directory .* got int$"):
+            call(5)

@@ -239,6 +239,23 @@ def test_usage_errors(model_dir, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()  # nothing written on a usage error
 
 
+def test_inputs_without_any_image_are_a_usage_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no images here\n")
+    (notes / ".hidden.png").write_bytes(b"")
+    # Exited 0 having done nothing, so a mistyped or empty folder passed in scripts. Found
+    # before the model loads: the missing --model is never reached.
+    for inputs in ([empty], [empty, notes]):
+        assert _segment(*inputs, "--out", tmp_path / "o", "--model", tmp_path / "no-such-model") == 2
+        err = capsys.readouterr().err
+        assert f"error: no image files found in {' '.join(map(str, inputs))}" in err
+        assert "no-such-model" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unwritable_out_is_a_usage_error_not_a_traceback(model_dir, tmp_path, capsys):
     _picture(9).save(tmp_path / "a.png")
     (tmp_path / "file").write_text("x")

@@ -97,9 +97,15 @@ def test_malformed_prompts_are_argument_errors(sam_dir, folder, tmp_path, capsys
     assert message in capsys.readouterr().err
 
 
-def test_sam_model_without_task_everything_is_a_usage_error(sam_dir, folder, tmp_path, capsys) -> None:
-    assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o")]) == 2
-    assert "--task everything" in capsys.readouterr().err
+def test_sam_model_with_a_subtask_of_classes_is_a_usage_error_saying_what_to_use(sam_dir, folder, tmp_path, capsys) -> None:
+    for task in ("semantic", "instance", "panoptic"):
+        # Was "--model DIR: cannot load the model: ... use pipeline('mask-generation', ...)":
+        # Python advice, and the model was fine.
+        assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), "--task", task]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --task {task}: {sam_dir} is a Segment Anything model, which gives masks without classes" in err
+        assert "use --task everything (every mask of each image) or --points / --box" in err
+        assert "cannot load" not in err and "pipeline(" not in err
     arguments = ["--task", "semantic", "--points", "1,2"]
     assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), *arguments]) == 2
     assert "does not apply" in capsys.readouterr().err
@@ -107,6 +113,24 @@ def test_sam_model_without_task_everything_is_a_usage_error(sam_dir, folder, tmp
     assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), *arguments]) == 2
     assert "pass one or the other" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_task_auto_with_a_sam_model_is_everything(sam_dir, folder, tmp_path, capsys) -> None:
+    # "auto" is what the model supports; for Segment Anything that is every mask. It used to
+    # be a usage error, so the default task failed with one of the supported models.
+    (folder / "broken.png").unlink()
+    options = ["--threshold", "0", "--format", "json"]
+    assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "auto"), *options]) == 0
+    assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "all"),
+                 "--task", "everything", *options]) == 0
+    for name in ("a.json", "b.json"):
+        auto = json.loads((tmp_path / "auto" / name).read_text())
+        everything = json.loads((tmp_path / "all" / name).read_text())
+        assert auto["task"] == "everything" and auto["segments"] == everything["segments"]
+    # A re-run with the other spelling of the same task finds the images done.
+    assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "auto"),
+                 "--task", "everything", *options]) == 0
+    assert "0 segmented, 2 already done" in capsys.readouterr().err
 
 
 def test_train_cli_says_sam_is_not_trained(sam_dir, camvid_dir, tmp_path, capsys) -> None:

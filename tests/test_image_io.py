@@ -227,6 +227,23 @@ def test_numpy_bad_dtype_or_shape(array):
     assert "numpy array" in str(info.value) and str(array.dtype) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("array", "hint"),
+    [
+        (np.random.default_rng(0).random((20, 30, 3), dtype=np.float32), r"\(array \* 255\).round\(\).astype\(np.uint8\)"),
+        (np.zeros((3, 20, 30), np.uint8), r"channels-first \(CxHxW\): pass array.transpose\(1, 2, 0\)"),
+        (np.zeros((20, 30), np.uint16), r"C in 1, 3, 4$"),
+    ],
+    ids=["float-0-1", "channels-first", "uint16"],
+)
+def test_numpy_refusals_say_what_is_accepted_and_how_to_convert(array, hint):
+    # Said only "array images must have dtype uint8" (float) or "must be HxW or HxWxC with
+    # C in 1, 3, 4" (CxHxW), not what would be accepted nor how to get there.
+    with pytest.raises(UnsupportedImageError, match="array images must be uint8 \\(0-255\\), HxW or HxWxC with C in 1, 3, 4") as info:
+        load_image(array)
+    assert info.match(hint)
+
+
 def test_pil_input_is_not_modified():
     image = Image.new("L", (3, 3), 9)
     out = load_image(image)

@@ -560,3 +560,25 @@ def _run_with_warnings_as_errors(code: str) -> str:
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stderr
+
+
+@pytest.mark.parametrize(
+    "processor_path",
+    [
+        "omniseg.processing.mask2former:Mask2FormerImageProcessor",
+        "omniseg.processing.maskformer:MaskFormerImageProcessor",
+        "omniseg.processing.segformer:SegformerImageProcessor",
+        "omniseg.processing.detr:DetrImageProcessor",
+        "omniseg.processing.sam:SamImageProcessor",
+    ],
+)
+def test_an_empty_list_of_images_is_a_clear_error(processor_path) -> None:
+    import importlib
+
+    module, name = processor_path.split(":")
+    processor = getattr(importlib.import_module(module), name)()
+    # Was "ValueError: max() arg is an empty sequence" (SAM: torch's "stack expects a
+    # non-empty TensorList"), from the middle of preprocessing.
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="^images: got an empty list"):
+            processor(empty, return_tensors="pt")

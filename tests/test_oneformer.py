@@ -354,3 +354,27 @@ def test_train_cli_refuses_oneformer(reference_dirs, camvid_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training is not offered for OneFormer" in err[0], err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_task_seq_len_other_than_77_works_or_says_what_is_wrong(tmp_path):
+    # The hub layout (no processor_config.json) with a model whose task_seq_len is 8, shorter
+    # than the task texts' 9-11 tokens here. Both ways of running it ended in oneDNN's "could
+    # not create a primitive descriptor for the inner product forward propagation primitive":
+    # the processor made 77 ids (the reference's default), the pipeline's text was not cut.
+    directory = build_reference_oneformer(tmp_path / "short-task", task_seq_len=8, tokenizer_json=False)
+    assert not (directory / "processor_config.json").exists()
+    model, processor = load_model(directory), load_processor(directory)
+    assert processor.task_seq_length == 8
+    images = two_images()[:1]
+    with torch.inference_mode():
+        for task in TASKS:
+            inputs = processor(images, task_inputs=task, return_tensors="pt")
+            assert inputs["task_inputs"].shape == (1, 8)
+            assert model(**inputs).class_queries_logits.shape[0] == 1
+        seg = omniseg.pipeline("image-segmentation", model=directory)
+        for task in TASKS:
+            assert isinstance(seg(images[0], subtask=task, threshold=0), list)
+        # Inputs made for another length are refused with a message saying what fits.
+        inputs = processor(images, task_inputs="semantic", task_seq_length=77, return_tensors="pt")
+        with pytest.raises(ValueError, match=r"task_inputs must be \[batch, task_seq_len\] = \[B, 8\].*got shape \[1, 77\]"):
+            model(**inputs)

@@ -115,3 +115,47 @@ def test_cuda_device_without_cuda_is_a_clear_error(monkeypatch):
         omniseg.load_model("any/model", device="cuda:1")
     with pytest.raises(ValueError, match="device 'gpu'"):
         omniseg.load_model("any/model", device="gpu")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("threshold", 1.5),  # answered no segments
+        ("threshold", -0.1),  # answered every query, however unlikely
+        ("threshold", float("nan")),  # answered no segments
+        ("threshold", "0.5"),  # TypeError from inside torch, naming no option
+        ("mask_threshold", 2),
+        ("overlap_mask_area_threshold", -1),
+        ("threshold", True),
+        ("batch_size", 0),
+    ],
+)
+def test_option_out_of_range_is_a_value_error_naming_it(option, value):
+    seg = omniseg.pipeline("image-segmentation")  # the bundled model: small, no reference needed
+    # Checked before the image is read: the missing file is never reported.
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        seg("no-such-file.png", **{option: value})
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        seg.predict([], **{option: value})
+    with pytest.raises(ValueError, match="unknown subtask 'depth'"):
+        seg("no-such-file.png", subtask="depth")
+
+
+def test_thresholds_at_the_ends_of_their_range_are_accepted():
+    from PIL import Image
+
+    seg = omniseg.pipeline("image-segmentation")
+    image = Image.new("RGB", (40, 30), (90, 120, 60))
+    assert seg(image, threshold=1.0) == []
+    assert all(
+        segment["mask"].size == (40, 30)
+        for segment in seg(image, threshold=0, mask_threshold=0, overlap_mask_area_threshold=1)
+    )
+
+
+@pytest.mark.parametrize(("option", "value"), [("batch_size", 0), ("batch_size", 2.5), ("max_pixels", 0), ("max_pixels", -1)])
+def test_pipeline_settings_out_of_range_are_value_errors_naming_them(option, value):
+    # batch_size=0 was kept (the CPU then ran one image per pass anyway); max_pixels=0 refused
+    # every image as "too large".
+    with pytest.raises(ValueError, match=f"^{option} must be an integer of at least 1"):
+        omniseg.pipeline("image-segmentation", **{option: value})

@@ -112,6 +112,12 @@ def test_bad_option_values_are_value_errors_naming_the_option(sam_dir, option, v
         ours("no-such-file.png", **{"crops_n_layers": 1, option: value})  # checked before the image
 
 
+@pytest.mark.parametrize("value", [0, -5, 1.5])
+def test_max_pixels_below_one_is_a_value_error(sam_dir, value) -> None:
+    with pytest.raises(ValueError, match=r"^max_pixels must be an integer of at least 1 \(or None for no limit\)"):
+        omniseg.pipeline("mask-generation", model=sam_dir, max_pixels=value)
+
+
 def _rss_kib(field: str) -> int:
     from pathlib import Path
 
@@ -215,3 +221,17 @@ def test_kept_masks_upsample_to_the_references_numbers(sam_dir) -> None:
     for kept in ([0, 4, 5, 9, 17], [3], list(range(18))):
         actual = ours._upsample(low_res.flatten(0, 1)[kept], original, reshaped)
         assert torch.equal(actual, expected[kept]), kept
+
+
+@pytest.mark.parametrize("size", [(4000, 10), (10, 4000), (1, 1)])
+def test_very_thin_and_one_pixel_images_give_masks_at_their_size(sam_dir, size) -> None:
+    from PIL import Image
+
+    width, height = size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    ours = omniseg.pipeline("mask-generation", model=sam_dir)
+    # 4000x10 resized to the tiny model's 96 pixels has a short side of 0.24: it was rounded
+    # to 0, and PIL's resize failed with "ValueError: height and width must be > 0".
+    result = ours(image, points_per_crop=4, crops_n_layers=1, pred_iou_thresh=0, stability_score_thresh=0)
+    assert len(result["masks"]) > 0
+    assert all(mask.shape == (height, width) for mask in result["masks"])

@@ -60,7 +60,7 @@ image is never half written); other images are (re)done. A file that cannot be r
 or segmented does not stop the batch: it is listed in OUT/{ERRORS_FILE} (one JSON line
 per file: {{"file", "error", "reason"}}; rewritten by each run).
 
-Segment Anything models (--task everything, or --points / --box): STEM.json lists the
+Segment Anything models (--task everything, the default for them, or --points / --box): STEM.json lists the
 masks (label mask_N, numbered by decreasing score; score = predicted IoU; COCO RLE),
 STEM_labels.png holds the mask number per pixel, the overlay one colour per mask.
   --task everything   every mask in the image (the mask-generation pipeline; --threshold
@@ -98,8 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="model directory or hub id (required unless a default model is bundled)")
     parser.add_argument("--task", choices=TASKS, default="auto",
                         help="subtask; auto = panoptic, else instance, else semantic, "
-                             "by what the model supports (default: auto); everything = "
-                             "all masks of a Segment Anything model")
+                             "by what the model supports, everything for a Segment Anything "
+                             "model (default: auto); everything = all masks of a Segment "
+                             "Anything model")
     parser.add_argument("--points", type=_sam_points, metavar='"x,y;x,y"',
                         help="Segment Anything: masks for one prompt of these points (foreground)")
     parser.add_argument("--box", type=_sam_box, metavar="x0,y0,x1,y1",
@@ -145,6 +146,26 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             return _usage_error(args, f"--device {args.device}: CUDA is not available on this machine")
 
+    # Listed before the model loads: inputs with no image at all (an empty or mistyped
+    # folder) are a usage error, not a run that "succeeds" having done nothing.
+    items = _collect(args.inputs, out)
+    if not items:
+        return _usage_error(
+            args, f"no image files found in {' '.join(args.inputs)} (folders are searched, "
+            f"subfolders too, for image file names: .jpg, .png, .tif, .bmp, .webp, ...)"
+        )
+
+    if not (args.points or args.box) and _is_segment_anything(args.model):
+        # A Segment Anything model has one promptless task: "auto" (the default, "what the
+        # model supports") is every mask of each image; a subtask with classes cannot be.
+        if args.task not in ("auto", "everything"):
+            return _usage_error(
+                args, f"--task {args.task}: {args.model} is a Segment Anything model, which gives masks "
+                "without classes; use --task everything (every mask of each image) or --points / --box "
+                "(the masks of one prompt)"
+            )
+        args.task = "everything"
+
     seg = _load_pipeline(args)
     if isinstance(seg, int):
         return seg
@@ -161,9 +182,6 @@ def run(args: argparse.Namespace) -> int:
             return _usage_error(args, f"--tta: {reason}")
     id2label = seg.id2label
 
-    items = _collect(args.inputs, out)
-    if not items:
-        print("omniseg segment: no image files found in the inputs", file=sys.stderr)
     errors_path = out / ERRORS_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +277,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- steps ---------------------------------------------------------------------------------
+
+
+def _is_segment_anything(model: str | None) -> bool:
+    """Whether ``--model`` names a Segment Anything checkpoint (``False`` when it cannot be
+    told: loading the model then reports the problem)."""
+    if model is None:
+        return False
+    from omniseg.hub import resolve_model_dir
+    from omniseg.models.auto import model_type_of
+
+    try:
+        return model_type_of(resolve_model_dir(model)) == "sam"
+    except OmnisegError:
+        return False
 
 
 def _load_pipeline(args: argparse.Namespace):

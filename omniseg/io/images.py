@@ -209,12 +209,19 @@ def _open_stream(stream: io.IOBase, name: str, max_pixels: int | None) -> Image.
 
 def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
     name = f"<numpy array shape={tuple(array.shape)} dtype={array.dtype}>"
+    accepted = "array images must be uint8 (0-255), HxW or HxWxC with C in 1, 3, 4"
     if array.dtype != np.uint8:
-        raise UnsupportedImageError(name, "array images must have dtype uint8")
+        hint = ""
+        if np.issubdtype(array.dtype, np.floating):
+            hint = "; for a float image in [0, 1] pass (array * 255).round().astype(np.uint8)"
+        raise UnsupportedImageError(name, accepted + hint)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise UnsupportedImageError(name, "array images must be HxW or HxWxC with C in 1, 3, 4")
+        hint = ""
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4):
+            hint = "; this one looks channels-first (CxHxW): pass array.transpose(1, 2, 0)"
+        raise UnsupportedImageError(name, accepted + hint)
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise UnsupportedImageError(name, "array image has no pixels")
     _check_size(name, (array.shape[1], array.shape[0]), max_pixels)

@@ -72,12 +72,10 @@ NOT_TRAINABLE: dict[str, str] = {
 def model_type_of(directory: Path) -> str:
     config = read_json(directory / CONFIG_NAME)
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedModelError(
-            directory / CONFIG_NAME,
-            f"model_type {model_type!r} is not supported (supported: {supported})",
-        )
+        what = "no model_type" if model_type is None else f"model_type {model_type!r} is not supported"
+        raise UnsupportedModelError(directory / CONFIG_NAME, f"{what} (supported: {supported})")
     return model_type
 
 

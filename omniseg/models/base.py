@@ -10,8 +10,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
-from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict
+from omniseg.models.checkpoint import load_state_dict_strict, read_state_dict, save_state_dict, saving_into
 from omniseg.models.config import CONFIG_NAME, ModelConfig
 
 
@@ -42,8 +43,16 @@ class PretrainedModel(nn.Module):
         state = read_state_dict(directory)
         # The strict load below overwrites every parameter and persistent buffer, so the
         # random initialisation would be thrown away (it is most of the load time).
-        with _skip_weight_init():
-            model = cls.for_checkpoint(config, state)
+        try:
+            with _skip_weight_init():
+                model = cls.for_checkpoint(config, state)
+        except (TypeError, ValueError, AssertionError, IndexError, KeyError, ZeroDivisionError, RuntimeError) as exc:
+            # Values of the right type that no model can have (hidden_dim not a multiple of
+            # num_attention_heads, say) fail inside torch's layers, with torch's words only.
+            raise CheckpointError(
+                directory / CONFIG_NAME,
+                f"cannot build {cls.__name__} from this config ({type(exc).__name__}: {exc})",
+            ) from exc
         ignored = [name for name in state if any(name.endswith(s) for s in cls.ignore_on_load)]
         load_state_dict_strict(model, state, source=directory, ignore_unexpected=ignored)
         return model.to(device).eval()
@@ -55,12 +64,15 @@ class PretrainedModel(nn.Module):
         return cls(config)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.extra["architectures"] = [self.architecture]
-        self.config.save(directory)
-        save_state_dict(self, directory, extra=self.reference_only_tensors())
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``.
+
+        Raises:
+            CheckpointError: ``directory`` is a file, or cannot be created or written.
+        """
+        with saving_into(directory) as directory:
+            self.config.extra["architectures"] = [self.architecture]
+            self.config.save(directory)
+            save_state_dict(self, directory, extra=self.reference_only_tensors())
 
     def reference_only_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors the reference implementation expects in a checkpoint that omniseg derives

@@ -7,8 +7,10 @@ Parameter names are the reference implementation's, so checkpoints move both way
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -107,3 +109,30 @@ def save_state_dict(
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
     return path
+
+
+@contextlib.contextmanager
+def saving_into(directory: str | Path) -> Iterator[Path]:
+    """Create ``directory`` for a ``save_pretrained`` and yield it; a place that cannot be
+    written is a :class:`CheckpointError` naming it, as is any ``OSError`` while the files are
+    written inside the ``with`` block.
+
+    Without it, saving into a file's path was pathlib's bare "FileExistsError: [Errno 17]
+    File exists", below a file "NotADirectoryError", with no word of a model being saved.
+    """
+    directory = Path(directory)
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == Path(os.path.abspath(directory)):
+            raise CheckpointError(directory, "cannot save here: it exists and is not a folder")
+        raise CheckpointError(directory, f"cannot save here: {existing} is a file, so no folder can be created below it")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(directory, f"cannot create the folder to save into ({exc.strerror or exc})") from exc
+    try:
+        yield directory
+    except OSError as exc:
+        raise CheckpointError(directory, f"cannot write there ({exc.strerror or exc})") from exc

@@ -8,11 +8,14 @@ checkpoint saved by omniseg carries everything the reference implementation expe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from omniseg.errors import CheckpointError, UnsupportedModelError
+from omniseg.errors import CheckpointError
 from omniseg.io.atomic import atomic_write_text
 
 CONFIG_NAME = "config.json"
@@ -43,7 +46,14 @@ class ModelConfig:
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
         if "id2label" in known and known["id2label"] is not None:
-            known["id2label"] = {int(k): str(v) for k, v in known["id2label"].items()}
+            known["id2label"] = _id2label(known["id2label"])
+        hints = _field_types(cls)
+        for name, value in known.items():
+            expected = _expected_type(hints[name], value)
+            if expected is not None:
+                # A wrong type used to fail deep in the model's construction, e.g. torch's
+                # "empty(): argument 'size' must be tuple of ints" for "num_queries": "many".
+                raise CheckpointError(CONFIG_NAME, f"{name} must be {expected}, got {value!r}")
         # label2id is derived from id2label; a stale copy must not be written back.
         extra.pop("label2id", None)
         return cls(**known, extra=extra)
@@ -64,18 +74,67 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls: type[ConfigT], path: str | Path) -> ConfigT:
-        """Read a ``config.json``; an :class:`UnsupportedModelError` raised while parsing it
-        names the file instead of the offending key."""
+        """Read a ``config.json``; a :class:`CheckpointError` raised while parsing it (a value
+        of the wrong type, an :class:`UnsupportedModelError`) names the file."""
         data = read_json(path)
         try:
             return cls.from_dict(data)
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(path, exc.reason) from None
+        except CheckpointError as exc:  # UnsupportedModelError included: the type is kept
+            raise type(exc)(path, exc.reason) from None
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+def _id2label(value: Any) -> dict[int, str]:
+    """``config.json``'s ``id2label`` (string keys) as ``{class id: name}``."""
+    if not isinstance(value, dict):
+        raise CheckpointError(CONFIG_NAME, f"id2label must map class ids to names, got {value!r}")
+    try:
+        return {int(k): str(v) for k, v in value.items()}
+    except ValueError:
+        raise CheckpointError(CONFIG_NAME, f"id2label keys must be class ids (integers), got {list(value)!r}") from None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _expected_type(hint: Any, value: Any) -> str | None:
+    """``None`` if ``value`` (from JSON) fits the field type ``hint``, else what was expected.
+
+    Lenient where published configs may be: an int is a float, and 0 / 1 a bool.
+    Types it does not know (nested configs, ``Any``) are left to their own parsing.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_expected_type(arg, value) for arg in args if arg is not type(None)]
+        if any(problem is None for problem in problems):
+            return None
+        return " or ".join(problem for problem in problems if problem)
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is bool:
+        return None if isinstance(value, bool) or value in (0, 1) else "true or false"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        item = args[0] if args else Any
+        if any(_expected_type(item, element) is not None for element in value):
+            return f"a list of {'integers' if item is int else 'strings' if item is str else 'values'}"
+        return None
+    if origin is dict:
+        return None if isinstance(value, dict) else "an object"
+    return None
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

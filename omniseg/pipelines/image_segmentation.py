@@ -71,6 +71,12 @@ class ImageSegmentationPipeline:
                 linear layers (answers change slightly; see the README's Speed section).
                 ``None`` (default): float32, the reference implementation's answers.
         """
+        # Checked here, not at the first call: batch_size=0 used to be kept (and mean 1 on
+        # the CPU), max_pixels=0 refused every image as too large.
+        if not _is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+        if max_pixels is not None and (not _is_integer(max_pixels) or max_pixels < 1):
+            raise ValueError(f"max_pixels must be an integer of at least 1, or None for no limit, got {max_pixels!r}")
         self.device = torch.device(device)
         model = model.to(self.device).eval()
         if quantize is not None:
@@ -139,7 +145,15 @@ class ImageSegmentationPipeline:
                 (default: the pipeline's ``batch_size``); the CPU runs one image per pass.
             tta: test-time flip, semantic only: the class scores of the image and of its
                 mirror image are averaged before the argmax (two forward passes per image).
+
+        Raises:
+            ValueError: an option out of its range (thresholds outside [0, 1], a subtask the
+                model does not support), checked before any image is read.
+            InputError: an image that cannot be read, naming it (see :func:`load_image`).
         """
+        # Options first: a wrong value must not cost reading every image before it is found.
+        _check_options(threshold, mask_threshold, overlap_mask_area_threshold, batch_size)
+        self.resolve_subtask(subtask)
         single = not isinstance(inputs, (list, tuple))
         images = [inputs] if single else list(inputs)
         segmentations = self.predict(
@@ -168,6 +182,7 @@ class ImageSegmentationPipeline:
     ) -> list[Segmentation]:
         """Segment RGB PIL images; the answer per image as a label map and segment records
         (``tta``: see :meth:`__call__`)."""
+        _check_options(threshold, mask_threshold, overlap_mask_area_threshold, batch_size)
         subtask = self.resolve_subtask(subtask)
         batch_size = batch_size or self.batch_size
         if tta:
@@ -287,6 +302,32 @@ class ImageSegmentationPipeline:
             name: torch.cat([item[name] for _, item in group]).to(self.device) for name in names
         }
         return indices, inputs
+
+
+def _check_options(
+    threshold: Any, mask_threshold: Any, overlap_mask_area_threshold: Any, batch_size: Any
+) -> None:
+    """Raise ValueError naming the option unless each is in its range.
+
+    The three thresholds are probabilities or fractions, so [0, 1]; out of range they used to
+    be taken as given (``threshold=1.5`` answered no segments, ``-0.1`` every query's), NaN
+    silently gave no segments, and a str reached torch as "'>' not supported between
+    instances of 'Tensor' and 'str'".
+    """
+    for name, value in (
+        ("threshold", threshold),
+        ("mask_threshold", mask_threshold),
+        ("overlap_mask_area_threshold", overlap_mask_area_threshold),
+    ):
+        real = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+        if not real or not 0.0 <= value <= 1.0:  # NaN fails the comparison too
+            raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    if batch_size is not None and (not _is_integer(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer of at least 1 (or None), got {batch_size!r}")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:

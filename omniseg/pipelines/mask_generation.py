@@ -45,6 +45,8 @@ class MaskGenerationPipeline:
         device: str | torch.device = "cpu",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
+        if max_pixels is not None:  # 0 used to refuse every image as "exceeds the limit of 0"
+            _check_integer("max_pixels", max_pixels, 1, " (or None for no limit)")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor

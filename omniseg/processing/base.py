@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
 from omniseg.io.atomic import atomic_write_text
+from omniseg.models.checkpoint import saving_into
 from omniseg.models.config import read_json
 
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -46,9 +48,26 @@ class ImageProcessor:
     @classmethod
     def from_pretrained(cls: type[ProcessorT], name_or_path: str | Path) -> ProcessorT:
         directory = resolve_model_dir(name_or_path)
-        return cls.from_dict(read_json(directory / PROCESSOR_NAME))
+        return cls.from_settings_file(directory / PROCESSOR_NAME)
+
+    @classmethod
+    def from_settings_file(cls: type[ProcessorT], path: Path, key: str | None = None) -> ProcessorT:
+        """The processor of the settings in the JSON file ``path`` (under ``key`` if given);
+        a setting it cannot use is a :class:`CheckpointError` naming the file."""
+        data = read_json(path)
+        if key is not None:
+            data = data[key]
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            # e.g. "size": "big" was a bare "ValueError: cannot read size 'big'", no file named.
+            raise CheckpointError(path, f"unusable image processor settings: {exc}") from exc
 
     def save_pretrained(self, directory: str | Path) -> None:
-        path = Path(directory) / PROCESSOR_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write ``preprocessor_config.json`` (atomically) into ``directory``.
+
+        Raises:
+            CheckpointError: ``directory`` is a file, or cannot be created or written.
+        """
+        with saving_into(directory) as directory:
+            atomic_write_text(directory / PROCESSOR_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -100,7 +100,7 @@ class DetrImageProcessor(ImageProcessor):
             ``original_sizes`` and ``resized_sizes`` give each image's ``(height, width)``.
         """
         pixels, original_sizes, resized_sizes = [], [], []
-        for image in _as_list(images):
+        for image in transforms.require_images(_as_list(images)):
             tensor = transforms.to_chw_tensor(image, convert_rgb=bool(self.do_convert_rgb))
             original_sizes.append((int(tensor.shape[-2]), int(tensor.shape[-1])))
             if self.do_resize:

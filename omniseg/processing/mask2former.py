@@ -158,7 +158,7 @@ class Mask2FormerImageProcessor(ImageProcessor):
         if do_reduce_labels is None:
             do_reduce_labels = settings.do_reduce_labels
 
-        image_list = _as_list(images)
+        image_list = transforms.require_images(_as_list(images))
         map_list = _as_list(segmentation_maps) if segmentation_maps is not None else None
         if map_list is not None and len(map_list) != len(image_list):
             raise ValueError(f"got {len(image_list)} images but {len(map_list)} segmentation maps")

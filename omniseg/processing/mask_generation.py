@@ -29,7 +29,9 @@ def point_grid(points_per_side: int) -> np.ndarray:
 def crop_boxes(crop_n_layers: int, overlap_ratio: float, image_size: tuple[int, int]) -> list[tuple[list[int], int]]:
     """``([x0, y0, x1, y1], layer)`` of every crop: the whole image (layer 0), then for layer
     ``i >= 1`` a ``2**i x 2**i`` grid of tiles overlapping by ``overlap_ratio`` of the short
-    side (scaled down per layer), column by column."""
+    side (scaled down per layer), column by column. Tiles that would be empty (an image
+    smaller than the grid: the second column of a 1-pixel-wide image) are left out; the
+    reference keeps them and fails in the resize."""
     height, width = image_size
     boxes = [([0, 0, width, height], 0)]
     short_side = min(height, width)
@@ -41,7 +43,9 @@ def crop_boxes(crop_n_layers: int, overlap_ratio: float, image_size: tuple[int, 
         lefts = [int((crop_width - overlap) * i) for i in range(per_side)]
         tops = [int((crop_height - overlap) * i) for i in range(per_side)]
         for left, top in product(lefts, tops):
-            boxes.append(([left, top, min(left + crop_width, width), min(top + crop_height, height)], layer))
+            right, bottom = min(left + crop_width, width), min(top + crop_height, height)
+            if right > left and bottom > top:
+                boxes.append(([left, top, right, bottom], layer))
     return boxes
 
 

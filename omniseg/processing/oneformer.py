@@ -18,6 +18,7 @@ import torch
 from omniseg.errors import CheckpointError
 from omniseg.hub import resolve_model_dir
 from omniseg.io.atomic import atomic_write_text
+from omniseg.models.checkpoint import saving_into
 from omniseg.models.config import read_json
 from omniseg.processing import mask_classification
 from omniseg.processing.base import PROCESSOR_NAME
@@ -37,6 +38,18 @@ def task_text(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
     return f"the task is {task}"
+
+
+def _model_task_seq_len(directory: Path) -> int:
+    """The length of the task inputs for a directory with no ``processor_config.json`` (the
+    hub checkpoints' layout): the model's own ``task_seq_len``. The reference processor takes
+    77 there, right for every published checkpoint, but a model configured otherwise then
+    fails on the processor's inputs."""
+    try:
+        length = read_json(directory / "config.json").get("task_seq_len", DEFAULT_TASK_SEQ_LENGTH)
+    except CheckpointError:  # no model config beside the processor: the reference's default
+        return DEFAULT_TASK_SEQ_LENGTH
+    return length if isinstance(length, int) and not isinstance(length, bool) else DEFAULT_TASK_SEQ_LENGTH
 
 
 @dataclasses.dataclass
@@ -82,13 +95,13 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
         directory = resolve_model_dir(name_or_path)
         combined = read_json(directory / PROCESSOR_CONFIG_NAME) if (directory / PROCESSOR_CONFIG_NAME).is_file() else {}
         if (directory / PROCESSOR_NAME).is_file() or not isinstance(combined.get("image_processor"), dict):
-            processor = cls.from_dict(read_json(directory / PROCESSOR_NAME))
+            processor = cls.from_settings_file(directory / PROCESSOR_NAME)
         else:
-            processor = cls.from_dict(combined["image_processor"])
+            processor = cls.from_settings_file(directory / PROCESSOR_CONFIG_NAME, "image_processor")
         processor.tokenizer = TaskTokenizer.from_directory(directory)
         processor.model_directory = directory
         try:
-            processor.task_seq_length = int(combined.get("task_seq_length", DEFAULT_TASK_SEQ_LENGTH))
+            processor.task_seq_length = int(combined.get("task_seq_length", _model_task_seq_len(directory)))
         except (TypeError, ValueError):
             raise CheckpointError(directory / PROCESSOR_CONFIG_NAME, "task_seq_length is not an integer") from None
         return processor
@@ -96,10 +109,11 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
     def save_pretrained(self, directory: str | Path) -> None:
         """``preprocessor_config.json``, ``processor_config.json`` and the tokenizer's files."""
         super().save_pretrained(directory)
-        settings = {"processor_class": "OneFormerProcessor", "task_seq_length": self.task_seq_length}
-        atomic_write_text(Path(directory) / PROCESSOR_CONFIG_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory)
+        with saving_into(directory) as directory:
+            settings = {"processor_class": "OneFormerProcessor", "task_seq_length": self.task_seq_length}
+            atomic_write_text(directory / PROCESSOR_CONFIG_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            if self.tokenizer is not None:
+                self.tokenizer.save(directory)
 
     # ------------------------------------------------------------------ preprocessing
 
@@ -120,9 +134,11 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
             task_inputs: ``"semantic"``, ``"instance"`` or ``"panoptic"``, one for all images
                 or one per image; default ``"panoptic"``.
             task_padding: ``"zeros"``: padding positions hold 0, as the reference's
-                ``OneFormerProcessor`` gives them (ids times attention mask, texts cut to the
-                length); ``"pad_token"``: the tokenizer's pad id, texts not cut, as the
-                reference's image-segmentation pipeline tokenizes them.
+                ``OneFormerProcessor`` gives them (ids times attention mask); ``"pad_token"``:
+                the tokenizer's pad id, as the reference's image-segmentation pipeline
+                tokenizes them. Either way a text longer than ``task_seq_length`` is cut to it
+                (end token kept): the reference's pipeline leaves it longer, and the model
+                fails on it (a config whose ``task_seq_len`` is shorter than the task text).
             task_seq_length: length of ``task_inputs`` (default ``self.task_seq_length``).
             **overrides: any other setting of this processor for this call.
 
@@ -144,7 +160,7 @@ class OneFormerImageProcessor(MaskFormerImageProcessor):
             raise ValueError(f"got {count} images but {len(tasks)} task inputs")
         length = self.task_seq_length if task_seq_length is None else task_seq_length
         zeros = task_padding == "zeros"
-        ids, mask = self.tokenizer([task_text(task) for task in tasks], length=length, truncate=zeros)
+        ids, mask = self.tokenizer([task_text(task) for task in tasks], length=length, truncate=True)
         task_ids = ids * mask if zeros else ids
         encoded["task_inputs"] = task_ids if return_tensors == "pt" else (
             task_ids.numpy() if return_tensors == "np" else list(task_ids)

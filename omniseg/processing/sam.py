@@ -35,9 +35,11 @@ POINT_PAD_VALUE = -10
 
 
 def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """``(height, width)`` scaled so the longer side is ``longest_edge``, rounded half up."""
+    """``(height, width)`` scaled so the longer side is ``longest_edge``, rounded half up, and
+    at least 1: the reference rounds a very thin image's short side to 0 (4000x10 with
+    ``longest_edge`` 1024 is fine, 3000x1 is not) and fails in the resize."""
     scale = longest_edge * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 @dataclasses.dataclass
@@ -95,7 +97,7 @@ class SamImageProcessor(ImageProcessor):
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         settings = dataclasses.replace(self, **overrides) if overrides else self
-        images = images if isinstance(images, (list, tuple)) else [images]
+        images = transforms.require_images(list(images) if isinstance(images, (list, tuple)) else [images])
         pixel_values, original, reshaped = settings._pixel_values(images)
         data: dict[str, Any] = {
             "pixel_values": pixel_values,

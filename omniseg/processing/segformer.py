@@ -90,7 +90,7 @@ class SegformerImageProcessor(ImageProcessor):
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         settings = dataclasses.replace(self, **overrides) if overrides else self
-        images = _as_list(images)
+        images = transforms.require_images(_as_list(images))
         pixel_values = settings._pixel_values(images)
         data = {"pixel_values": pixel_values}
         if segmentation_maps is not None:

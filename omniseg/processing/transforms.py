@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -111,6 +111,15 @@ def convert_tensor_to_rgb(image: torch.Tensor) -> torch.Tensor:
     composite = rgb * alpha + (1.0 - alpha)
     # torchvision's float -> int conversion: multiply by (max + 1 - eps), truncate.
     return composite.mul(max_value + 1.0 - 1e-3).to(image.dtype)
+
+
+def require_images(images: list[Any]) -> list[Any]:
+    """``images`` unchanged, or a ValueError when the batch is empty (which used to fail in
+    the middle of preprocessing as "max() arg is an empty sequence" or "stack expects a
+    non-empty TensorList")."""
+    if not images:
+        raise ValueError("images: got an empty list; pass an image or a list of at least one image")
+    return images
 
 
 def to_chw_tensor(

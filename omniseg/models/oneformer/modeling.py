@@ -336,6 +336,15 @@ class OneFormerForUniversalSegmentation(PretrainedModel):
             :class:`OneFormerOutput`.
         """
         del pixel_mask  # see the docstring
+        length = self.config.task_seq_len
+        if task_inputs.ndim != 2 or task_inputs.shape[1] != length:
+            # Else oneDNN's "could not create a primitive descriptor for the inner product
+            # forward propagation primitive" from the task MLP, naming nothing.
+            raise ValueError(
+                f"task_inputs must be [batch, task_seq_len] = [B, {length}] token ids for this model "
+                f"(config.json task_seq_len), got shape {list(task_inputs.shape)}; prepare them with "
+                f"processor(images, task_inputs=..., task_seq_length={length})"
+            )
         model = self.model
         pixel_features, multi_scale, spatial_shapes = model.pixel_level_module(pixel_values)
         task_token = model.task_encoder(task_inputs)
