@@ -218,6 +218,29 @@ def sampling_path(request, monkeypatch):
     return request.param
 
 
+def test_training_gradients_match_reference(reference_dirs, sampling_path):
+    """Backward through the whole model (the pixel decoder's deformable attention included,
+    on the numba kernels' backward and on PyTorch's) gives the reference's gradients."""
+    directory = reference_dirs["small"]
+    ours = load_model(str(directory)).train()
+    reference = ReferenceMask2Former.from_pretrained(directory).train()
+    inputs = reference_inputs(directory)
+    weights = torch.randn(inputs["pixel_values"].shape[0], 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    for model in (ours, reference):
+        out = model(**inputs)
+        (out.class_queries_logits.square().mean() + (out.masks_queries_logits.sigmoid() * weights).mean()).backward()
+    reference_grads = {name: p.grad for name, p in reference.named_parameters()}
+    checked = 0
+    for name, param in ours.named_parameters():
+        expected = reference_grads.get(name)  # the backbone's modules are named differently
+        # Parameters followed by a normalisation have gradients of float rounding only.
+        if expected is None or expected.abs().max() < 1e-6:
+            continue
+        assert relative_error(param.grad, expected) < 1e-3, name
+        checked += "pixel_level_module.decoder.encoder" in name
+    assert checked >= 10, "the deformable-attention layers' parameters should have been compared"
+
+
 @pytest.fixture(scope="module")
 def confident_swin_model(tmp_path_factory) -> Path:
     """A COCO-panoptic-shaped model, scaled down (Swin embed 32, depths 2-2-6-2, window 7;

@@ -16,7 +16,7 @@ from omniseg.ops.ms_deform_attn import multi_scale_deformable_attention
 
 @pytest.fixture(params=["numba", "pytorch"])
 def sampling(request, monkeypatch):
-    """Run a test with the compiled kernel (inference, numba installed) and the PyTorch path."""
+    """Run a test with the compiled kernels (numba installed) and the PyTorch path."""
     if request.param == "numba":
         pytest.importorskip("numba")
     else:
@@ -97,7 +97,7 @@ def test_exact_pixel_centres_borders_and_outside(sampling):
     torch.testing.assert_close(out.view(-1), torch.tensor([1, 11, 2, 3.5, 0, 3.5], dtype=torch.float64))
 
 
-def test_gradients_match_grid_sample():
+def test_gradients_match_grid_sample(sampling):
     spatial_shapes = [(5, 6), (3, 3)]
     inputs = random_inputs(spatial_shapes, dtype=torch.float64, queries=7)
     ours_inputs = [t.clone().requires_grad_() for t in inputs]
@@ -122,3 +122,20 @@ def test_compiled_sampling_keeps_torch_thread_count():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1"]
+
+
+def test_autocast_samples_in_float32(sampling):
+    # Under bfloat16 autocast the values arrive in bfloat16; the sampling (and its gradients)
+    # run in float32 on them, with the locations unrounded.
+    spatial_shapes = [(8, 64), (4, 32)]
+    value, locations, weights = random_inputs(spatial_shapes, dtype=torch.float32, queries=50)
+    value = value.bfloat16().float()
+    locations.requires_grad_()
+    expected = grid_sample_deformable_attention(value, spatial_shapes, locations, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = multi_scale_deformable_attention(value.bfloat16(), spatial_shapes, locations, weights)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    (grad,) = torch.autograd.grad(ours.sum(), locations)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), locations)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-3)

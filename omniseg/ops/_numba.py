@@ -11,15 +11,17 @@ except ImportError:
     numba = None
 
 
-def kernels_apply(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+def kernels_apply(
+    *tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,), differentiable: bool = False
+) -> bool:
     """Whether a numba kernel can stand in for PyTorch on ``tensors``: numba installed, all
-    on the CPU with one dtype of ``dtypes``, and no gradient needed (kernels have no backward).
-    With no tensors: whether numba is installed."""
+    on the CPU with one dtype of ``dtypes``, and no gradient needed unless the kernel has a
+    backward (``differentiable``). With no tensors: whether numba is installed."""
     return (
         numba is not None
         and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
         and (not tensors or tensors[0].dtype in dtypes)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and (differentiable or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
     )
 
 

@@ -13,10 +13,13 @@ once into a table with a one-pixel zero border, so a sample's coordinates only n
 clamping to the border: neighbours outside the map then read zeros, with no per-neighbour
 validity masks. The index and weight arithmetic runs on all levels at once.
 
-At inference, with numba installed (the ``fast`` extra), a compiled loop does the same
+With numba installed (a dependency wherever it has wheels), a compiled loop does the same
 sampling for each query and head in one pass instead (no index or weight tensors: about 4x
 faster on Swin-T's pixel decoder); it sums the same terms in another order, so results agree
-to float rounding.
+to float rounding. In training a second compiled loop gives the gradients (for the values,
+the locations and the attention weights) in one pass too, where ``embedding_bag``'s backward
+sorts every row index. Under CPU autocast the sampling runs in float32: bfloat16 locations
+would be a quarter of a pixel apart on a 64-pixel map.
 
 Speed notes (CPU): elementwise ops that broadcast a small per-level tensor such as
 ``[L, 1]`` over ``[..., L, P]`` run an order of magnitude slower than same-shape ones
@@ -80,7 +83,13 @@ def deformable_sampling(
     Returns:
         ``[B, Q, H * D]``.
     """
-    if kernels_apply(value, pixel_locations, attention_weights, dtypes=(torch.float32, torch.float64)):
+    if value.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        value, pixel_locations, attention_weights = value.float(), pixel_locations.float(), attention_weights.float()
+    if kernels_apply(
+        value, pixel_locations, attention_weights, dtypes=(torch.float32, torch.float64), differentiable=True
+    ):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (value, pixel_locations, attention_weights)):
+            return _CompiledSampling.apply(value, tuple(spatial_shapes), pixel_locations, attention_weights)
         return _compiled_sampling(value, spatial_shapes, pixel_locations, attention_weights)
     batch, _, heads, head_dim = value.shape
     num_queries, points = pixel_locations.shape[1], pixel_locations.shape[4]
@@ -192,20 +201,59 @@ def _compiled_sampling(
     """:func:`deformable_sampling` by the numba kernel: ``[B, S, H, D]`` values -> ``[B, Q, H * D]``."""
     use_torch_threads()
     batch, _, heads, head_dim = value.shape
-    sizes = np.array(spatial_shapes, dtype=np.int64).reshape(-1, 2)
-    starts = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])[:-1]])
     output = value.new_empty(batch, pixel_locations.shape[1], heads, head_dim)
     _sample(
         # Head-major: one head's maps (S * D values, 0.5 MB for Swin-T at 384x512) stay in
         # cache while the queries sample them (10% faster than position-major).
         value.transpose(1, 2).contiguous().numpy(),
-        sizes,
-        starts,
+        *_level_sizes_and_starts(spatial_shapes),
         pixel_locations.contiguous().numpy(),
         attention_weights.contiguous().numpy(),
         output.numpy(),
     )
     return output.flatten(2)
+
+
+def _level_sizes_and_starts(spatial_shapes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """``[L, 2]`` (height, width) of the levels and ``[L]`` their first positions in ``value``."""
+    sizes = np.array(spatial_shapes, dtype=np.int64).reshape(-1, 2)
+    return sizes, np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])[:-1]])
+
+
+class _CompiledSampling(torch.autograd.Function):
+    """The numba kernels as an autograd function: training's forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        value: Tensor,
+        spatial_shapes: tuple[tuple[int, int], ...],
+        pixel_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tensor:
+        ctx.spatial_shapes = spatial_shapes
+        ctx.save_for_backward(value, pixel_locations, attention_weights)
+        return _compiled_sampling(value, spatial_shapes, pixel_locations, attention_weights)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        value, pixel_locations, attention_weights = ctx.saved_tensors
+        use_torch_threads()
+        batch, _, heads, head_dim = value.shape
+        grad_value = value.new_zeros(batch, heads, value.shape[1], head_dim)  # head-major, as the kernel reads
+        grad_locations = torch.zeros_like(pixel_locations, memory_format=torch.contiguous_format)
+        grad_weights = torch.zeros_like(attention_weights, memory_format=torch.contiguous_format)
+        _sample_backward(
+            value.transpose(1, 2).contiguous().numpy(),
+            *_level_sizes_and_starts(ctx.spatial_shapes),
+            pixel_locations.contiguous().numpy(),
+            attention_weights.contiguous().numpy(),
+            grad_output.reshape(batch, -1, heads, head_dim).contiguous().numpy(),
+            grad_value.numpy(),
+            grad_locations.numpy(),
+            grad_weights.numpy(),
+        )
+        return grad_value.transpose(1, 2), None, grad_locations, grad_weights
 
 
 # Queries per parallel work item of the kernel (each item samples one head's maps).
@@ -250,7 +298,62 @@ if numba is not None:
                             if col + 1 < width:
                                 _accumulate(total, bottom_right, maps[pixel + width + 1])
 
+    @numba.njit(parallel=True, cache=True)
+    def _sample_backward(
+        value, sizes, starts, locations, weights, grad_output, grad_value, grad_locations, grad_weights
+    ):  # pragma: no cover - compiled
+        """Gradients of ``_sample``: ``grad_value`` ``[B, H, S, D]`` (head-major, zeroed),
+        ``grad_locations`` ``[B, Q, H, L, P, 2]`` and ``grad_weights`` ``[B, Q, H, L, P]`` (zeroed).
+        A work item is one image's head: it alone writes that head's value gradients."""
+        batch, heads, _, head_dim = value.shape
+        num_queries, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+        for item in numba.prange(batch * heads):
+            b, h = item // heads, item % heads
+            maps, grad_maps = value[b, h], grad_value[b, h]
+            for q in range(num_queries):
+                upstream = grad_output[b, q, h]
+                for level in range(levels):
+                    height, width, start = sizes[level, 0], sizes[level, 1], starts[level]
+                    for p in range(points):
+                        x, y = locations[b, q, h, level, p, 0], locations[b, q, h, level, p, 1]
+                        if not (x > -1.0 and x < width and y > -1.0 and y < height):
+                            continue
+                        left, top_row = np.floor(x), np.floor(y)
+                        fx, fy = x - left, y - top_row
+                        col, row = int(left), int(top_row)
+                        attention = weights[b, q, h, level, p]
+                        pixel = start + row * width + col
+                        # The upstream gradient's dot product with each neighbour (0 outside
+                        # the map), and each neighbour's share of the upstream gradient.
+                        d00 = d01 = d10 = d11 = 0.0
+                        if row >= 0:
+                            if col >= 0:
+                                d00 = _dot(upstream, maps[pixel])
+                                _accumulate(grad_maps[pixel], attention * (1 - fx) * (1 - fy), upstream)
+                            if col + 1 < width:
+                                d01 = _dot(upstream, maps[pixel + 1])
+                                _accumulate(grad_maps[pixel + 1], attention * fx * (1 - fy), upstream)
+                        if row + 1 < height:
+                            if col >= 0:
+                                d10 = _dot(upstream, maps[pixel + width])
+                                _accumulate(grad_maps[pixel + width], attention * (1 - fx) * fy, upstream)
+                            if col + 1 < width:
+                                d11 = _dot(upstream, maps[pixel + width + 1])
+                                _accumulate(grad_maps[pixel + width + 1], attention * fx * fy, upstream)
+                        grad_weights[b, q, h, level, p] = (1 - fy) * ((1 - fx) * d00 + fx * d01) + fy * (
+                            (1 - fx) * d10 + fx * d11
+                        )
+                        grad_locations[b, q, h, level, p, 0] = attention * ((1 - fy) * (d01 - d00) + fy * (d11 - d10))
+                        grad_locations[b, q, h, level, p, 1] = attention * ((1 - fx) * (d10 - d00) + fx * (d11 - d01))
+
     @numba.njit(inline="always")
     def _accumulate(total, weight, values):  # pragma: no cover - compiled
         for d in range(total.shape[0]):
             total[d] += weight * values[d]
+
+    @numba.njit(inline="always")
+    def _dot(a, b):  # pragma: no cover - compiled
+        total = 0.0
+        for d in range(a.shape[0]):
+            total += a[d] * b[d]
+        return total

@@ -131,7 +131,11 @@ class MultiscaleDeformableAttention(nn.Module):
         weights = weights.view(batch, seq_len, heads, levels, points)
         # Offsets are in pixels of each level, like the reference points: the sampling
         # locations are their sums, with no normalising to [0, 1] and back.
-        locations = offsets.add_(reference_points)  # [B, S, heads, L, P, 2]
+        # Under autocast the offsets are bfloat16: the sum is taken in float32, not rounded back.
+        if offsets.dtype == reference_points.dtype:
+            locations = offsets.add_(reference_points)  # [B, S, heads, L, P, 2]
+        else:
+            locations = reference_points + offsets
         output = deformable_sampling(value, spatial_shapes, locations, weights)
         return self.output_proj(output)
 
