@@ -58,13 +58,14 @@ def machine_report() -> list[str]:
     build = [line.strip(" -") for line in torch.__config__.show().splitlines()]
     lines += [f"  build: {line}" for line in build if line.startswith(("Intel(R)", "OpenMP", "LAPACK", "BLAS"))]
     from omniseg.ops.linear import _ONEDNN_LINEAR
+    from omniseg.pipelines.image_segmentation import int8_engine
 
     lines.append(
         "products: omniseg linear layers on "
         + ("oneDNN matmul (packed weights)" if _ONEDNN_LINEAR and torch.backends.mkldnn.enabled else "F.linear (BLAS)")
         + f", reference's on F.linear ({'MKL' if torch.backends.mkl.is_available() else 'BLAS'} sgemm); "
         f"convolutions on {'oneDNN' if torch.backends.mkldnn.enabled else 'ATen'}; "
-        f"int8 dynamic quantization engine {torch.backends.quantized.engine}"
+        f"int8 mode's quantization engine {int8_engine()}"
     )
     lines += kernel_paths()
     lines.append(f"threads {torch.get_num_threads()}; load average {load_average()}")

@@ -9,12 +9,21 @@ import pytest
 import torch
 
 import omniseg
+from omniseg.pipelines.image_segmentation import int8_engine
 
 
-@pytest.fixture(scope="module")
-def pipelines(fitted_mask2former_dir: Path):
-    float32 = omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir)
-    int8 = omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir, quantize="int8")
+@pytest.fixture(scope="module", params=[False, True], ids=["default-engine", "amx-onednn-engine"])
+def pipelines(request, fitted_mask2former_dir: Path):
+    """The float32 and int8 pipelines, the int8 weights packed for the default quantization
+    engine and for oneDNN's (chosen on CPUs with AMX; its kernels run on any x86 CPU)."""
+    engine = torch.backends.quantized.engine
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: request.param, raising=False)
+        if request.param and "onednn" in torch.backends.quantized.supported_engines:
+            assert int8_engine() == "onednn"
+        float32 = omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir)
+        int8 = omniseg.pipeline("image-segmentation", model=fitted_mask2former_dir, quantize="int8")
+    assert torch.backends.quantized.engine == engine, "the global engine is switched only while packing"
     return float32, int8
 
 

@@ -159,3 +159,26 @@ def test_pipeline_settings_out_of_range_are_value_errors_naming_them(option, val
     # every image as "too large".
     with pytest.raises(ValueError, match=f"^{option} must be an integer of at least 1"):
         omniseg.pipeline("image-segmentation", **{option: value})
+
+
+def test_config_with_gaps_in_id2label_names_unnamed_classes(fitted_mask2former_dir, tmp_path, street_photo):
+    # ids 1..N for an N-class head: output 0 has no name in the config (the reference raises
+    # KeyError 0 on such a config); it is LABEL_0, and output i the name the config gives i.
+    import json
+    import shutil
+
+    directory = tmp_path / "gaps"
+    shutil.copytree(fitted_mask2former_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    original = {int(k): v for k, v in config["id2label"].items()}
+    config["id2label"] = {str(k + 1): v for k, v in original.items()}
+    config.pop("label2id", None)
+    (directory / "config.json").write_text(json.dumps(config))
+
+    expected = omniseg.pipeline("image-segmentation", model=str(fitted_mask2former_dir))(street_photo, subtask="semantic")
+    seg = omniseg.pipeline("image-segmentation", model=str(directory))
+    assert seg.id2label[0] == "LABEL_0" and seg.id2label[1] == original[0]
+    results = seg(street_photo, subtask="semantic")
+    names = {0: "LABEL_0"} | {i: original[i - 1] for i in range(1, len(original))}
+    assert [r["label"] for r in results] == [names[list(original.values()).index(r["label"])] for r in expected]
+    assert any(r["label"] == original[0] for r in expected), "class 0 should be predicted somewhere"

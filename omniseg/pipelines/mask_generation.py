@@ -25,6 +25,7 @@ import torch
 from omniseg.errors import UnsupportedModelError
 from omniseg.io.images import DEFAULT_MAX_PIXELS, load_image
 from omniseg.models.auto import load_model, load_processor, model_type_of
+from omniseg.pipelines._options import check_integer, check_number
 from omniseg.hub import resolve_model_dir
 from omniseg.processing import mask_generation as amg
 from omniseg.processing.sam import resized_shape
@@ -46,7 +47,7 @@ class MaskGenerationPipeline:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if max_pixels is not None:  # 0 used to refuse every image as "exceeds the limit of 0"
-            _check_integer("max_pixels", max_pixels, 1, " (or None for no limit)")
+            check_integer("max_pixels", max_pixels, 1, " (or None for no limit)")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
@@ -110,10 +111,10 @@ class MaskGenerationPipeline:
             score, plus ``"rle_mask"`` / ``"bounding_boxes"`` when asked for.
         """
         if points_per_batch is not None:
-            _check_integer("points_per_batch", points_per_batch, 1, " (or None for all)")
-        _check_integer("crops_n_layers", crops_n_layers, 0)
-        _check_integer("points_per_crop", points_per_crop, 1)
-        _check_integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+            check_integer("points_per_batch", points_per_batch, 1, " (or None for all)")
+        check_integer("crops_n_layers", crops_n_layers, 0)
+        check_integer("points_per_crop", points_per_crop, 1)
+        check_integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
         for name, value in (
             ("pred_iou_thresh", pred_iou_thresh),
             ("stability_score_thresh", stability_score_thresh),
@@ -122,7 +123,7 @@ class MaskGenerationPipeline:
             ("crops_nms_thresh", crops_nms_thresh),
             ("crop_overlap_ratio", crop_overlap_ratio),
         ):
-            _check_number(name, value)
+            check_number(name, value)
         if not 0.0 <= crop_overlap_ratio < 1.0:
             raise ValueError(f"crop_overlap_ratio must be at least 0 and below 1, got {crop_overlap_ratio!r}")
         options = dict(
@@ -299,20 +300,3 @@ class MaskGenerationPipeline:
         grouped = low_res.unflatten(0, (-1, 3))
         upsampled = self.processor.post_process_masks([grouped], [size], [reshaped], binarize=False)[0]
         return upsampled.flatten(0, 1)[:count]
-
-
-# The options are checked before any image is read: a wrong value used to surface deep in
-# the generation as IndexError (crops_n_layers -1), ZeroDivisionError (points_per_crop 0)
-# or a TypeError comparing a str, none of them naming the option.
-
-
-def _check_integer(name: str, value: Any, minimum: int, note: str = "") -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer of at least {minimum}{note}, got {value!r}")
-
-
-def _check_number(name: str, value: Any) -> None:
-    """Raise ValueError unless ``value`` is a finite real number (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
