@@ -276,12 +276,9 @@ if numba is not None:
                     height, width, start = sizes[level, 0], sizes[level, 1], starts[level]
                     for p in range(points):
                         x, y = locations[b, q, h, level, p, 0], locations[b, q, h, level, p, 1]
-                        # All four neighbours outside the map (NaN too): the sample is zero.
-                        if not (x > -1.0 and x < width and y > -1.0 and y < height):
+                        if not _on_map(x, y, height, width):
                             continue
-                        left, top_row = np.floor(x), np.floor(y)
-                        fx, fy = x - left, y - top_row
-                        col, row = int(left), int(top_row)
+                        col, row, fx, fy = _corner(x, y)
                         attention = weights[b, q, h, level, p]
                         bottom = fy * attention
                         top = attention - bottom
@@ -316,11 +313,9 @@ if numba is not None:
                     height, width, start = sizes[level, 0], sizes[level, 1], starts[level]
                     for p in range(points):
                         x, y = locations[b, q, h, level, p, 0], locations[b, q, h, level, p, 1]
-                        if not (x > -1.0 and x < width and y > -1.0 and y < height):
+                        if not _on_map(x, y, height, width):
                             continue
-                        left, top_row = np.floor(x), np.floor(y)
-                        fx, fy = x - left, y - top_row
-                        col, row = int(left), int(top_row)
+                        col, row, fx, fy = _corner(x, y)
                         attention = weights[b, q, h, level, p]
                         pixel = start + row * width + col
                         # The upstream gradient's dot product with each neighbour (0 outside
@@ -345,6 +340,18 @@ if numba is not None:
                         )
                         grad_locations[b, q, h, level, p, 0] = attention * ((1 - fy) * (d01 - d00) + fy * (d11 - d10))
                         grad_locations[b, q, h, level, p, 1] = attention * ((1 - fx) * (d10 - d00) + fx * (d11 - d01))
+
+    @numba.njit(inline="always")
+    def _on_map(x, y, height, width):  # pragma: no cover - compiled
+        """Whether a sample at pixel coordinates (x, y) reads any pixel of the map: False when
+        all four neighbours are outside (the sample is zero), and for NaN."""
+        return x > -1.0 and x < width and y > -1.0 and y < height
+
+    @numba.njit(inline="always")
+    def _corner(x, y):  # pragma: no cover - compiled
+        """The top-left neighbour's column and row, and the fractions towards the next ones."""
+        left, top_row = np.floor(x), np.floor(y)
+        return int(left), int(top_row), x - left, y - top_row
 
     @numba.njit(inline="always")
     def _accumulate(total, weight, values):  # pragma: no cover - compiled
