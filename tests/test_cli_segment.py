@@ -299,3 +299,31 @@ def test_rerun_with_another_threshold_redoes_the_images(model_dir, tmp_path, cap
     assert _segment(*common) == 0
     assert "1 segmented" in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "a.json").read_text())["options"] == {}
+
+
+def test_quantize_int8_writes_the_int8_pipelines_answers_and_reruns_redo_float32(model_dir, tmp_path, capsys):
+    _picture(5).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    arguments = (tmp_path / "a.png", "--out", out, "--model", model_dir, "--task", "instance", "--threshold", "0")
+    assert _segment(*arguments, "--quantize", "int8") == 0
+    int8 = omniseg.pipeline("image-segmentation", model=model_dir, quantize="int8")
+    image = load_image(tmp_path / "a.png")
+    document = json.loads((out / "a.json").read_text())
+    assert document["options"] == {"threshold": 0.0, "quantize": "int8"}
+    assert document["segments"] == segments_to_records(int8(image, subtask="instance", threshold=0.0), int8.id2label)
+    capsys.readouterr()
+    # Without --quantize the answers are float32's: the image is done again, not skipped.
+    assert _segment(*arguments) == 0
+    assert "1 segmented, 0 already done" in capsys.readouterr().err
+    assert json.loads((out / "a.json").read_text())["options"] == {"threshold": 0.0}
+
+
+def test_quantize_with_cuda_is_a_usage_error_naming_it(model_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    _picture(6).save(tmp_path / "a.png")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
+    arguments = ("--out", tmp_path / "o", "--model", model_dir, "--quantize", "int8", "--device", "cuda")
+    assert _segment(tmp_path / "a.png", *arguments) == 2
+    assert "--quantize int8: quantize='int8' runs on CPU only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

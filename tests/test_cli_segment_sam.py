@@ -115,6 +115,12 @@ def test_sam_model_with_a_subtask_of_classes_is_a_usage_error_saying_what_to_use
     assert not (tmp_path / "o").exists()
 
 
+def test_quantize_with_a_sam_model_is_a_usage_error(sam_dir, folder, tmp_path, capsys) -> None:
+    assert main(["segment", str(folder), "--model", str(sam_dir), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert "--quantize int8 applies to image-segmentation models" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_task_auto_with_a_sam_model_is_everything(sam_dir, folder, tmp_path, capsys) -> None:
     # "auto" is what the model supports; for Segment Anything that is every mask. It used to
     # be a usage error, so the default task failed with one of the supported models.

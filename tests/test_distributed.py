@@ -146,6 +146,21 @@ def test_segment_dataset_gives_the_pipelines_segments(frames, model_dir, single_
     assert sum(not row["path"].endswith(BROKEN) for row in rows) == 5
 
 
+def test_segment_dataset_quantize_gives_the_int8_pipelines_segments(frames, model_dir, single_thread_per_test):
+    import omniseg
+    from omniseg.distributed import segment_dataset
+
+    path = str(sorted(frames.glob("0*.png"))[0])
+    ds = ray.data.read_binary_files([path], include_paths=True)
+    (row,) = segment_dataset(ds, model=model_dir, task="instance", threshold=0.0, image_column="bytes",
+                             quantize="int8").take_all()
+    int8 = omniseg.pipeline("image-segmentation", model=model_dir, quantize="int8")
+    records = segments_to_records(int8(path, subtask="instance", threshold=0.0), int8.id2label)
+    assert row["error"] is None and len(records) > 0
+    assert row["scores"] == [r["score"] for r in records]
+    assert row["rles"] == [r["segmentation"]["counts"] for r in records]
+
+
 def _segmenting_actors() -> dict[str, dict]:
     # Ray's actor table (the state API needs the dashboard, which this instance runs without).
     from ray._private import state
@@ -226,6 +241,8 @@ def test_usage_errors(frames, model_dir, tmp_path, capsys, monkeypatch):
     assert "need --engine ray" in capsys.readouterr().err
     assert _segment(image, out, model_dir, "--engine", "ray", "--device", "cuda") == 2
     assert "--gpus-per-actor" in capsys.readouterr().err
+    assert _segment(image, out, model_dir, "--engine", "ray", "--quantize", "int8", "--gpus-per-actor", "1") == 2
+    assert "--quantize int8 runs on the CPU: not with --gpus-per-actor" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray.data", None)  # as if Ray Data were not installed
     assert _segment(image, out, model_dir, "--engine", "ray") == 2
     assert "pip install 'omniseg[ray]'" in capsys.readouterr().err

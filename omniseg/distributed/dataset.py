@@ -59,6 +59,7 @@ def segment_dataset(
     actors: int = 1,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
+    quantize: str | None = None,
 ) -> Any:
     """Segment every image of a ``ray.data.Dataset``; one output row per input row.
 
@@ -78,6 +79,8 @@ def segment_dataset(
         actors: size of the actor pool (each holds one copy of the model).
         cpus_per_actor: CPUs Ray reserves per actor; also its PyTorch thread count.
         gpus_per_actor: GPUs per actor; above 0 the model runs on CUDA.
+        quantize: ``"int8"``: each actor's pipeline in the opt-in fast CPU mode (see
+            :func:`omniseg.pipeline`).
 
     Returns:
         The input dataset with :data:`SEGMENT_COLUMNS` added (Arrow columns). A row whose
@@ -100,6 +103,7 @@ def segment_dataset(
         actors=actors,
         cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor,
+        quantize=quantize,
         output_files=None,
     )
 
@@ -117,12 +121,14 @@ def map_with_actors(
     cpus_per_actor: float,
     gpus_per_actor: float,
     output_files: OutputFiles | None,
+    quantize: str | None = None,
     mask_generation: Mapping[str, Any] | None = None,
 ) -> Any:
     """The actor-pool map behind :func:`segment_dataset` and the ``--engine ray`` command.
 
     With ``output_files`` each actor writes the image's files and the rows get only the
-    ``error_type`` / ``error`` columns (``SEGMENT_COLUMNS`` otherwise). ``mask_generation``:
+    ``error_type`` / ``error`` columns (``SEGMENT_COLUMNS`` otherwise). ``quantize``: as the
+    pipeline's, for image-segmentation models. ``mask_generation``:
     the model is a Segment Anything one, run as ``omniseg segment --task everything`` runs
     it (``{"points": ..., "box": ...}``, each ``None`` for every mask in the image).
     """
@@ -145,6 +151,7 @@ def map_with_actors(
             "device": "cuda" if gpus_per_actor > 0 else "cpu",
             "threads": max(1, int(cpus_per_actor)),
             "output_files": output_files,
+            "quantize": quantize,
             "mask_generation": None if mask_generation is None else dict(mask_generation),
         },
         # Fault tolerance is Ray Data's default for actor pools: a dead actor (killed, out
@@ -166,6 +173,7 @@ class SegmentImages:
         device: str,
         threads: int,
         output_files: OutputFiles | None,
+        quantize: str | None = None,
         mask_generation: dict[str, Any] | None = None,
     ) -> None:
         import torch
@@ -174,12 +182,13 @@ class SegmentImages:
 
         torch.set_num_threads(threads)
         if mask_generation is None:
-            self.pipeline = omniseg.pipeline("image-segmentation", model=model, device=device)
+            self.pipeline = omniseg.pipeline("image-segmentation", model=model, device=device, quantize=quantize)
         else:
             from omniseg.cli.segment_everything import MaskSegmenter
 
             self.pipeline = MaskSegmenter(model, device=device, **mask_generation)
         self.task = self.pipeline.resolve_subtask(task)
+        self.quantize = quantize
         self.image_column = image_column
         self.source_column = source_column
         self.call_options = {**call_options, "subtask": self.task}
@@ -240,7 +249,7 @@ class SegmentImages:
                 write_image_results(
                     Path(stems[row]), images[row], answer, self.pipeline.id2label,
                     source=sources[row], task=self.task, model=spec.model_name, formats=spec.formats,
-                    options=answer_options(self.call_options),
+                    options=answer_options({**self.call_options, "quantize": self.quantize}),
                 )
             except (OSError, ValueError) as exc:
                 failures[row] = exc

@@ -51,6 +51,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return f"--engine ray: {INSTALL_HINT}"
     if args.device != "cpu":
         return "--engine ray: the actors' device comes from --gpus-per-actor, not --device"
+    if args.quantize and args.gpus_per_actor > 0:
+        return f"--quantize {args.quantize} runs on the CPU: not with --gpus-per-actor"
     return None
 
 
@@ -67,6 +69,7 @@ def segment_items(
     batch_size: int,
     cpus_per_actor: float,
     gpus_per_actor: float,
+    quantize: str | None = None,
     mask_generation: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[Any, tuple[str, str] | None]]:
     """Segment and write ``items`` (each with ``.path`` and ``.stem``) on Ray.
@@ -74,7 +77,8 @@ def segment_items(
     ``model``: what each actor loads (``None``: the bundled default model); ``model_name``:
     the name recorded in each JSON (the bundled model's is ``default``, which is no path or
     hub id to load). ``task``: as the user gave it (``None``: what the model supports
-    first); each actor resolves it as the local engine does. ``mask_generation``: see :func:`map_with_actors`.
+    first); each actor resolves it as the local engine does. ``quantize`` and
+    ``mask_generation``: see :func:`map_with_actors`.
 
     Yields ``(item, None)`` when an image's files are written, ``(item, (error type,
     reason))`` when it failed; each item exactly once, in the order they finish.
@@ -114,6 +118,7 @@ def segment_items(
                 actors=min(actors, blocks),  # more actors than batches would idle
                 cpus_per_actor=cpus_per_actor,
                 gpus_per_actor=gpus_per_actor,
+                quantize=quantize,
                 output_files=OutputFiles(formats=tuple(formats), model_name=model_name),
                 mask_generation=mask_generation,
             )

@@ -37,8 +37,9 @@ from omniseg.viz.overlay import draw_overlay
 UNASSIGNED_8BIT = 255
 UNASSIGNED_16BIT = 65535
 
-# Pipeline call options that change an image's answer, recorded in its JSON by ``omniseg segment``.
-ANSWER_OPTIONS = ("threshold", "tta")
+# Options that change an image's answer (the pipeline call's, and the pipeline's quantize mode),
+# recorded in its JSON by ``omniseg segment``.
+ANSWER_OPTIONS = ("threshold", "tta", "quantize")
 
 # Output kinds per image, and the file name suffix each one gets after the stem.
 IMAGE_OUTPUTS = {"labels": "_labels.png", "overlay": "_overlay.png", "json": ".json"}
@@ -219,8 +220,8 @@ def write_image_results(
 
 
 def answer_options(call_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of a pipeline call that change its answers (``threshold``, ``tta``), as given:
-    an absent key is the pipeline's default.
+    """The options that change the answers (a pipeline call's ``threshold`` and ``tta``, the
+    pipeline's ``quantize``), as given: an absent key is the default.
 
     ``omniseg segment`` records them in each JSON and redoes an image on a re-run when they
     differ, as it does for another model or task; a re-run with another ``--threshold`` used

@@ -79,6 +79,8 @@ class ImageSegmentationPipeline:
         if max_pixels is not None:
             check_integer("max_pixels", max_pixels, 1, " (or None for no limit)")
         self.device = torch.device(device)
+        if quantize is not None:
+            _check_quantize(quantize, self.device)  # before the model moves to a device
         model = model.to(self.device).eval()
         if quantize is not None:
             model = quantize_linear_layers(model, quantize, self.device)
@@ -92,6 +94,8 @@ class ImageSegmentationPipeline:
     def from_pretrained(
         cls, name_or_path: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any
     ) -> "ImageSegmentationPipeline":
+        if kwargs.get("quantize") is not None:
+            _check_quantize(kwargs["quantize"], torch.device(device))  # before loading the weights there
         return cls(
             model=load_model(name_or_path, device=device),
             processor=load_processor(name_or_path),
@@ -351,10 +355,7 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
     engine elsewhere. A packed layer keeps its engine's kernels whatever the global engine
     is later, so the engine is switched only while packing.
     """
-    if mode != "int8":
-        raise ValueError(f"unknown quantize mode {mode!r}; supported: 'int8'")
-    if device.type != "cpu":
-        raise ValueError(f"quantize='int8' runs on CPU only, not on {device}")
+    _check_quantize(mode, device)
     from torch.ao.quantization import quantize_dynamic
 
     replaced: set[str] = set()
@@ -380,6 +381,13 @@ def quantize_linear_layers(model: torch.nn.Module, mode: str, device: torch.devi
             model = quantize_dynamic(as_plain_linear(model), qconfig_spec=targets, dtype=torch.qint8)
     convolutions_to_bfloat16(model)
     return model
+
+
+def _check_quantize(mode: Any, device: torch.device) -> None:
+    if mode != "int8":
+        raise ValueError(f"unknown quantize mode {mode!r}; supported: 'int8'")
+    if device.type != "cpu":
+        raise ValueError(f"quantize='int8' runs on CPU only, not on {device}")
 
 
 def int8_engine() -> str:
