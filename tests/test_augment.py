@@ -183,3 +183,63 @@ def test_photometric_augmentation_is_seeded_and_changes_the_image() -> None:
     blurred = gaussian_blur(step, 1.0)
     assert 0.0 < blurred[0, 5, 9] < 0.5 < blurred[0, 5, 10] < 1.0
     assert (jpeg_roundtrip(image, 90).float() - image.float()).abs().mean() > 0
+
+
+def test_copy_paste_replaces_pixels_of_the_chosen_classes_only() -> None:
+    from omniseg.data.augment import CopyPaste
+
+    image, label = _coded_pair()
+    donor_image, donor_label = _coded_pair()
+    donor_label = donor_label.flip(0)
+    donor_image = donor_image.flip(1) + 1  # differs from the sample everywhere
+    pasted_image, pasted_label = CopyPaste(class_ids=(2, 4))(image, label, donor_image, donor_label)
+    chosen = (donor_label == 2) | (donor_label == 4)
+    assert chosen.any() and (~chosen).any()
+    assert torch.equal(pasted_label[chosen], donor_label[chosen])
+    assert torch.equal(pasted_image[:, chosen], donor_image[:, chosen])
+    assert torch.equal(pasted_label[~chosen], label[~chosen])
+    assert torch.equal(pasted_image[:, ~chosen], image[:, ~chosen])
+    # A donor of another size is brought to the sample's size first.
+    big_image, big_label = resize_pair(donor_image, donor_label, (74, 106))
+    resized_image, resized_label = CopyPaste(class_ids=(2, 4))(image, label, big_image, big_label)
+    assert resized_image.shape == image.shape and resized_label.shape == label.shape
+
+
+def test_dataset_pastes_from_another_seeded_donor_and_recounts_instances(tmp_path) -> None:
+    from omniseg.data.augment import CopyPaste
+    from omniseg.data.dataset import Sample, SegmentationDataset
+
+    samples = []
+    for name, with_person in (("empty", False), ("person", True), ("other", False)):
+        pixels = np.zeros((8, 12, 3), dtype=np.uint8)
+        classes = np.zeros((8, 12), dtype=np.uint8)
+        if with_person:  # one person, class 1, in a block of value 200
+            pixels[2:6, 3:5] = 200
+            classes[2:6, 3:5] = 1
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        Image.fromarray(classes).save(tmp_path / f"{name}_label.png")
+        samples.append(Sample(tmp_path / f"{name}.png", tmp_path / f"{name}_label.png"))
+    still = TrainAugmentation(crop_size=None, scale_range=None, flip_prob=0.0, color_jitter=None)
+
+    def dataset(prob: float, seed: int = 0) -> SegmentationDataset:
+        return SegmentationDataset(samples, num_labels=2, augment=still, seed=seed, thing_ids=(1,),
+                                   copy_paste=CopyPaste(class_ids=(1,), prob=prob))
+
+    assert dataset(0.0)[0]["label"].sum() == 0
+    # Sample 0's donor is sample 1 or 2; over a few seeds both are drawn, never sample 0 itself.
+    items = [dataset(1.0, seed)[0] for seed in range(8)]
+    received = [item for item in items if item["label"].any()]
+    assert 0 < len(received) < len(items)
+    for item in received:
+        assert item["label"][2:6, 3:5].eq(1).all() and item["label"].sum() == 8
+        assert item["image"][:, 2:6, 3:5].eq(200).all()
+        assert item["instances"][2:6, 3:5].unique().numel() == 1 and item["instance_id_to_semantic_id"]
+    # With one other sample, that one is always the donor.
+    pair = SegmentationDataset(samples[:2], num_labels=2, augment=still, copy_paste=CopyPaste(class_ids=(1,), prob=1.0))
+    for seed in range(4):
+        pair.seed = seed
+        assert pair[0]["label"].sum() == 8
+    # Seeded: the same (seed, epoch, index) draws the same donor.
+    assert torch.equal(dataset(1.0, 3)[0]["label"], dataset(1.0, 3)[0]["label"])
+    # The person's own frame keeps its person whatever it receives.
+    assert dataset(1.0)[1]["label"][2:6, 3:5].eq(1).all()

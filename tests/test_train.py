@@ -545,3 +545,14 @@ def test_errors_name_the_option_they_come_from(frames, tmp_path, capsys) -> None
     assert f"omniseg train: error: --model: {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
     assert train("--model", tmp_path / "nope", "--data", tmp_path / "nodata", "--out", tmp_path / "out") == 1
     assert f"omniseg train: error: --data: {tmp_path / 'nodata'}: dataset folder not found" in capsys.readouterr().err
+
+
+def test_copy_paste_trains_and_names_unknown_classes(frames, mask2former_dir, tmp_path, capsys) -> None:
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cp", "--max-steps", "1",
+                 "--batch-size", "2", "--panoptic", "--copy-paste", "pole,pedestrian", "--copy-paste-prob", "1",
+                 *FAST) == 0
+    assert read_log(tmp_path / "cp")[-1]["step"] == 1
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cp2", "--max-steps", "1",
+                 "--copy-paste", "pole,lamppost", *FAST) == 1
+    err = capsys.readouterr().err
+    assert "--copy-paste" in err and "lamppost" in err

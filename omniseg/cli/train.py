@@ -90,6 +90,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--class-balance", action="store_true",
                         help="with --semantic-aux-weight: weigh the per-pixel loss by median-frequency "
                         "class balancing over the training labels")
+    parser.add_argument("--copy-paste", metavar="CLASS[,CLASS]",
+                        help="semantic folders: paste these classes' pixels (names or ids) from another "
+                        "training sample, augmented on its own, onto a sample (for rare and thin classes)")
+    parser.add_argument("--copy-paste-prob", type=argtypes.number(minimum=0, maximum=1), default=0.5, metavar="P",
+                        help="with --copy-paste: the share of samples that receive pasted pixels (default 0.5)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--amp", action="store_true",
@@ -106,11 +111,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from omniseg.data.augment import ColorJitter, PhotometricAugmentation, TrainAugmentation
+    from omniseg.data.augment import ColorJitter, CopyPaste, PhotometricAugmentation, TrainAugmentation
     from omniseg.data.coco import CocoSegmentationDataset, coco_reader
     from omniseg.data.dataset import SegmentationDataset, folder_samples, pixel_counts
     from omniseg.data.groups import compile_group_pattern, group_counts, parse_groups, select_groups
-    from omniseg.data.semantic import read_dataset_info
+    from omniseg.data.semantic import read_dataset_info, resolve_classes
     from omniseg.models.auto import MASK_CLASSIFICATION_TYPES
     from omniseg.train.checkpointing import latest_checkpoint
     from omniseg.train.distributed import cleanup, init_distributed
@@ -159,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
             raise OmnisegError("--holdout-groups needs --group-by (how a file's group is read from its name)")
         if args.class_balance and args.semantic_aux_weight <= 0:
             raise OmnisegError("--class-balance weighs the auxiliary per-pixel loss: give --semantic-aux-weight too")
+        if args.copy_paste and coco is not None:
+            raise OmnisegError("--copy-paste is for semantic dataset folders")
         if coco is not None:
             # COCO: instance targets from the annotations; PQ at evaluation for Mask2Former.
             train_set = CocoSegmentationDataset(coco, augment=augment, seed=args.seed)
@@ -195,11 +202,16 @@ def run(args: argparse.Namespace) -> int:
                 if dist_info.is_main:
                     print("class weights: " + ", ".join(f"{id2label[c]} {w:.2f}" for c, w in enumerate(class_weights)
                                                        if c in id2label), file=sys.stderr)
+            copy_paste = None
+            if args.copy_paste:
+                pasted = resolve_classes(args.copy_paste.split(","), id2label, "--copy-paste")
+                copy_paste = CopyPaste(class_ids=pasted, prob=args.copy_paste_prob)
             train_set = SegmentationDataset(
                 train_samples,
                 augment=augment,
                 seed=args.seed,
                 thing_ids=info.thing_ids if args.panoptic else None,
+                copy_paste=copy_paste,
                 **common,
             )
             eval_set = None if eval_samples is None else SegmentationDataset(eval_samples, **common)

@@ -306,6 +306,36 @@ class TrainAugmentation:
         return image.contiguous(), label.contiguous()
 
 
+@dataclasses.dataclass
+class CopyPaste:
+    """Paste the pixels of chosen classes from another training sample onto this one.
+
+    The donor is another sample of the training set, augmented on its own (its own scale,
+    crop, flip and colours), so rare and thin objects (poles, signs, people) appear in other
+    streets, at other sizes and in other light than the frames they were drawn in: what a
+    model trained on a few drives otherwise learns as part of one scene. Pasted pixels
+    replace the image and the label where the donor's label is one of ``class_ids``; the
+    instances of thing classes are then read from the pasted label map as usual.
+
+    Args:
+        class_ids: training class ids whose pixels are pasted.
+        prob: probability that a sample receives a donor's pixels.
+    """
+
+    class_ids: tuple[int, ...]
+    prob: float = 0.5
+
+    def __call__(
+        self, image: Tensor, label: Tensor, donor_image: Tensor, donor_label: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``image``/``donor_image`` uint8 ``[3, H, W]``, ``label``/``donor_label`` int64
+        ``[H, W]``; a donor of another size is resized to the sample's first."""
+        if donor_image.shape[-2:] != image.shape[-2:]:
+            donor_image, donor_label = resize_pair(donor_image, donor_label, tuple(image.shape[-2:]))
+        pasted = torch.isin(donor_label, torch.tensor(self.class_ids, dtype=donor_label.dtype))
+        return torch.where(pasted, donor_image, image), torch.where(pasted, donor_label, label)
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator seeded from ``(seed, epoch, index)``, distinct for distinct triples."""
     # A fixed odd-multiplier mix keeps nearby triples far apart in seed space.
@@ -315,6 +345,7 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 __all__ = [
     "ColorJitter",
+    "CopyPaste",
     "PhotometricAugmentation",
     "TrainAugmentation",
     "hsv_to_rgb",

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from omniseg.data.augment import TrainAugmentation, sample_generator
+from omniseg.data.augment import CopyPaste, TrainAugmentation, sample_generator
 from omniseg.data.targets import instances_from_semantic
 from omniseg.errors import ImageReadError, InputError
 from omniseg.io.images import load_image
@@ -82,6 +82,8 @@ class SegmentationDataset(Dataset):
         seed: base seed of the per-sample augmentation.
         thing_ids: classes whose connected components become instances; when given, samples
             also carry an instance map for Mask2Former's instance/panoptic targets.
+        copy_paste: with ``augment``, paste chosen classes from another augmented sample
+            (the donor is drawn with the sample's own generator, so it is seeded too).
 
     Each item is a dict: ``image`` uint8 ``[3, H, W]``, ``label`` int64 ``[H, W]`` with
     :data:`IGNORE` for unlabelled pixels, ``index``, and with ``thing_ids`` ``instances``
@@ -98,6 +100,7 @@ class SegmentationDataset(Dataset):
         augment: TrainAugmentation | None = None,
         seed: int = 0,
         thing_ids: Iterable[int] | None = None,
+        copy_paste: CopyPaste | None = None,
     ) -> None:
         if not samples:
             raise InputError("<dataset>", "no samples")
@@ -108,6 +111,7 @@ class SegmentationDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.thing_ids = None if thing_ids is None else frozenset(int(t) for t in thing_ids)
+        self.copy_paste = copy_paste
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,7 +138,8 @@ class SegmentationDataset(Dataset):
             )
         return torch.where(ignored, torch.full_like(label, IGNORE), label)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``index``'s uint8 image ``[3, H, W]`` and training labels ``[H, W]``, checked."""
         sample = self.samples[index]
         picture = load_image(sample.image)
         image = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).contiguous()
@@ -145,9 +150,19 @@ class SegmentationDataset(Dataset):
                 f"label map is {label.shape[1]}x{label.shape[0]} but its image "
                 f"{sample.image.name} is {image.shape[2]}x{image.shape[1]}",
             )
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self._read(index)
         if self.augment is not None:
             generator = sample_generator(self.seed, self.epoch, index)
             image, label = self.augment(image, label, generator)
+            paste = self.copy_paste
+            if paste is not None and len(self) > 1 and float(torch.rand((), generator=generator)) < paste.prob:
+                donor = int(torch.randint(0, len(self) - 1, (), generator=generator))
+                donor += donor >= index  # any sample but this one
+                donor_image, donor_label = self.augment(*self._read(donor), generator)
+                image, label = paste(image, label, donor_image, donor_label)
         item: dict[str, Any] = {"image": image, "label": label, "index": index}
         if self.thing_ids is not None:
             instances, mapping = instances_from_semantic(label.numpy(), self.thing_ids, ignore_index=IGNORE)
