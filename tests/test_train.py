@@ -556,3 +556,6 @@ def test_copy_paste_trains_and_names_unknown_classes(frames, mask2former_dir, tm
                  "--copy-paste", "pole,lamppost", *FAST) == 1
     err = capsys.readouterr().err
     assert "--copy-paste" in err and "lamppost" in err
+    assert train("--model", mask2former_dir, "--data", frames, "--out", tmp_path / "cp3", "--max-steps", "1",
+                 "--copy-paste-prob", "0.3", *FAST) == 1
+    assert "--copy-paste-prob needs --copy-paste" in capsys.readouterr().err

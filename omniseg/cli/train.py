@@ -93,7 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--copy-paste", metavar="CLASS[,CLASS]",
                         help="semantic folders: paste these classes' pixels (names or ids) from another "
                         "training sample, augmented on its own, onto a sample (for rare and thin classes)")
-    parser.add_argument("--copy-paste-prob", type=argtypes.number(minimum=0, maximum=1), default=0.5, metavar="P",
+    parser.add_argument("--copy-paste-prob", type=argtypes.number(minimum=0, maximum=1), default=None, metavar="P",
                         help="with --copy-paste: the share of samples that receive pasted pixels (default 0.5)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     precision = parser.add_mutually_exclusive_group()
@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
             raise OmnisegError("--class-balance weighs the auxiliary per-pixel loss: give --semantic-aux-weight too")
         if args.copy_paste and coco is not None:
             raise OmnisegError("--copy-paste is for semantic dataset folders")
+        if args.copy_paste_prob is not None and not args.copy_paste:
+            raise OmnisegError("--copy-paste-prob needs --copy-paste (which classes to paste)")
         if coco is not None:
             # COCO: instance targets from the annotations; PQ at evaluation for Mask2Former.
             train_set = CocoSegmentationDataset(coco, augment=augment, seed=args.seed)
@@ -205,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
             copy_paste = None
             if args.copy_paste:
                 pasted = resolve_classes(args.copy_paste.split(","), id2label, "--copy-paste")
-                copy_paste = CopyPaste(class_ids=pasted, prob=args.copy_paste_prob)
+                prob = 0.5 if args.copy_paste_prob is None else args.copy_paste_prob
+                copy_paste = CopyPaste(class_ids=pasted, prob=prob)
             train_set = SegmentationDataset(
                 train_samples,
                 augment=augment,
