@@ -7,7 +7,8 @@
 #
 # DATA: a CamVid-layout folder (images/{train,val}, labels/..., id2label.json, README.md);
 # OUT: one folder per run, OUT/<recipe>-<holdout|all>; SECONDS: each run's training time
-# (--time-budget); DEVICE: cuda (default) or cpu; RECIPE: base, strong (default: both).
+# (--time-budget); DEVICE: cuda (default) or cpu; RECIPE: base, strong, strong-paste
+# (default: base and strong).
 # Environment: HOLDOUTS (default "0001TP 0006R0 all"; "all" trains on every frame),
 # WORKERS (data-loading processes per run, default 2), BATCH (default 16) and LR (default
 # 3e-4): an accelerator is bound by per-step overheads at batch 16, so larger batches get more
@@ -29,7 +30,11 @@ common=(--model configs/default_model/config.json --data "$data" --panoptic
 declare -A flags=(
     [base]="--crop-size 256 --scale-range 0.55 1.0"
     [strong]="--crop-size 256 352 --scale-range 0.5 1.25 --strong-augment --ema-decay 0.999 --class-balance"
+    [strong-paste]="--crop-size 256 352 --scale-range 0.5 1.25 --strong-augment --ema-decay 0.999 --class-balance --copy-paste pole,sign,fence,pedestrian,bicyclist"
 )
+for recipe in "${recipes[@]}"; do
+    [ -n "${flags[$recipe]+set}" ] || { echo "unknown recipe $recipe (known: ${!flags[*]})" >&2; exit 2; }
+done
 pids=()
 for recipe in "${recipes[@]}"; do
     for holdout in ${HOLDOUTS:-0001TP 0006R0 all}; do
